@@ -1,0 +1,123 @@
+"""Shard lists and webdataset's shard-index JSON (`"__kind__": "wids-shard-index-v1"`).
+
+A shard set is named by an index file, a brace pattern (`imagenet-train-{0000..1023}.tar`), a comma list or a
+single URL; any fsspec URL works (local paths, `file://`, `s3://`, `memory://`, ...). When a set arrives without an
+index, `build_index` counts samples by reading the tar headers only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import PurePosixPath
+
+import fsspec
+from braceexpand import braceexpand
+
+INDEX_KIND = "wids-shard-index-v1"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str
+    nsamples: int
+    filesize: int
+
+
+def expand_urls(spec: str | list[str]) -> list[str]:
+    """Expand brace patterns and comma- or space-separated lists into a flat list of URLs."""
+    parts = spec if isinstance(spec, list) else spec.replace(",", " ").split()
+    return [url for part in parts for url in braceexpand(part)]
+
+
+def sample_key(member_name: str) -> tuple[str, str]:
+    """Split a tar member name into (key, field) at the first dot of its base name, as webdataset does."""
+    path = PurePosixPath(member_name)
+    stem, _, field = path.name.partition(".")
+    parent = str(path.parent)
+    return (stem if parent == "." else f"{parent}/{stem}"), field
+
+
+def count_samples(url: str) -> ShardInfo:
+    """Count the samples of one tar shard from its member headers (no member data is decoded)."""
+    keys: set[str] = set()
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            if member.isfile():
+                keys.add(sample_key(member.name)[0])
+    size = fs.size(path)
+    return ShardInfo(url, len(keys), int(size))
+
+
+def build_index(urls: list[str]) -> list[ShardInfo]:
+    return [count_samples(url) for url in urls]
+
+
+def write_index(shards: list[ShardInfo], path: str, relative_to: str | None = None) -> None:
+    """Write the shard-index JSON; URLs under `relative_to` are stored relative to it, as webdataset's own tools do."""
+    entries = []
+    for info in shards:
+        url = info.url
+        if relative_to and url.startswith(relative_to.rstrip("/") + "/"):
+            url = url[len(relative_to.rstrip("/")) + 1 :]
+        entries.append({"url": url, "nsamples": info.nsamples, "filesize": info.filesize})
+    with fsspec.open(path, "w") as f:
+        json.dump({"__kind__": INDEX_KIND, "wids_version": 1, "shardlist": entries}, f, indent=1)
+
+
+def load_index(url: str) -> list[ShardInfo]:
+    """Read a shard-index JSON; relative shard URLs are resolved against the index's own location."""
+    with fsspec.open(url, "r") as f:
+        data = json.load(f)
+    if data.get("__kind__") != INDEX_KIND or "shardlist" not in data:
+        raise ValueError(f"{url} is not a webdataset shard index: expected '__kind__': '{INDEX_KIND}' and a 'shardlist'")
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    shards = []
+    for entry in data["shardlist"]:
+        shard_url = entry["url"]
+        if "://" not in shard_url and not shard_url.startswith("/"):
+            shard_url = f"{base}/{shard_url}"
+        shards.append(ShardInfo(shard_url, int(entry["nsamples"]), int(entry.get("filesize", 0))))
+    return shards
+
+
+def resolve_shards(spec: str | list[str]) -> list[ShardInfo]:
+    """Turn a shard spec (index JSON, brace pattern or list) into ShardInfos, counting samples if needed."""
+    urls = expand_urls(spec)
+    if len(urls) == 1 and urls[0].endswith(".json"):
+        return load_index(urls[0])
+    missing = [u for u in urls if not _exists(u)]
+    if missing:
+        raise FileNotFoundError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return build_index(urls)
+
+
+def index_hash(shards: list[ShardInfo]) -> str:
+    """Return a sha256 over the shard names and counts: what a cache built from this set was built from."""
+    names = [{"name": PurePosixPath(s.url).name, "nsamples": s.nsamples} for s in shards]
+    return hashlib.sha256(json.dumps(names, sort_keys=True).encode()).hexdigest()
+
+
+def _exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build a shard-index JSON for a foreign shard set.")
+    parser.add_argument("shards", help="brace pattern or list of shard URLs, e.g. 'data/train-{0000..0099}.tar'")
+    parser.add_argument("--out", required=True, help="where to write the index JSON")
+    args = parser.parse_args(argv)
+    shards = build_index(expand_urls(args.shards))
+    write_index(shards, args.out, relative_to=args.out.rsplit("/", 1)[0] if "/" in args.out else None)
+    print(f"wrote {args.out}: {len(shards)} shards, {sum(s.nsamples for s in shards)} samples")
+
+
+if __name__ == "__main__":
+    main()
