@@ -40,7 +40,7 @@ class RunDir:
             if create:
                 shutil.rmtree(self.path)
         if create:
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir(parents=True, exist_ok=True)
 
     def has_checkpoint(self, name: str) -> bool:
         return (self.checkpoints / f"{name}.safetensors").is_file()
@@ -62,6 +62,7 @@ class RunDir:
         weights with an old step counter; the JSON copy is for people and tools that do not read safetensors.
         """
         weights = self.checkpoints / f"{name}.safetensors"
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(weights, tensors, metadata={META_KEY: json.dumps(meta, default=str)})
         atomic_write_json(self.checkpoints / f"{name}.json", meta)
         return weights

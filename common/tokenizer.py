@@ -1,298 +1,188 @@
-"""The VAR VQVAE image tokenizer: encoder, native multi-scale quantizer, decoder.
+"""Load and save VAR-family tokenizers (the architecture itself is in `common.vqvae`).
 
-Architecture of VAR's `vae_ch160v4096z32.pth` (Tian et al., "Visual Autoregressive Modeling", 2024): a VQGAN-style
-convolutional encoder/decoder (GroupNorm-32, SiLU, ResNet blocks, single-head self-attention at the lowest
-resolution and in the middle) with a 3×3 `quant_conv` / `post_quant_conv` around a multi-scale residual quantizer.
-Parameter names follow the checkpoint, so it loads strictly; only the codebook moves from `quantize.embedding` to
-`quantize.codebook.embedding` (see `VAR_KEY_RENAMES`).
+Two formats load: VAR's own `.pth` checkpoints (a plain state dict, read with `weights_only=True` so a pickle
+cannot run code) and this tool's `.safetensors` + `.json` pair. The architecture is read from the tensors; the
+scale list and image size are options (VAR's defaults) because the weights do not determine them.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import json
+import logging
+import pickle
+import re
+import zipfile
+from dataclasses import replace
+from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from common.quantize import VAR_PATCH_NUMS, Codebook, MultiScaleQuantizer
+from common.fileio import atomic_save_safetensors, atomic_write_json, sha256_file
+from common.quantize import VAR_PATCH_NUMS
+from common.vqvae import PRESETS, VAR_KEY_RENAMES, VQVAE, TokenizerConfig, build_tokenizer
 
+log = logging.getLogger(__name__)
 
+__all__ = ["PRESETS", "TokenizerConfig", "VQVAE", "CheckpointError", "build_tokenizer", "infer_config", "load_tokenizer", "save_tokenizer"]
 
-@dataclass(frozen=True)
-class TokenizerConfig:
-    ch: int = 160
-    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    z_channels: int = 32
-    vocab_size: int = 4096
-    num_phi: int = 4
-    attn_resolutions: bool = True  # self-attention in the lowest-resolution level (VAR: yes)
-    mid_attn: bool = True
-    patch_nums: tuple[int, ...] = VAR_PATCH_NUMS
-    image_size: int = 256
-    beta: float = 0.25  # commitment weight used when the tokenizer is trained from scratch
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        side = self.image_size // self.downsample
-        return (self.z_channels, side, side)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> "TokenizerConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown tokenizer config fields {unknown}; known fields: {sorted(known)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**values)
+FORMAT = "vq-transplant-tokenizer"
+USAGE_BUFFER = "quantize.ema_vocab_hit_SV"
+MAX_LISTED_KEYS = 5
 
 
-PRESETS: dict[str, TokenizerConfig] = {
-    # VAR's vae_ch160v4096z32: 256×256 images, 16× downsampling, 16×16×32 latents, 109M parameters.
-    "var": TokenizerConfig(),
-    # The same family shrunk for CPU demos and tests: 64×64 images, 4× downsampling, still 16×16×32 latents
-    # quantized over VAR's 10 scales.
-    "demo": TokenizerConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, vocab_size=1024, image_size=64),
-}
-
-# Checkpoint key -> module key. Everything else has the checkpoint's name.
-VAR_KEY_RENAMES = {"quantize.embedding.weight": "quantize.codebook.embedding.weight"}
+class CheckpointError(ValueError):
+    """A tokenizer checkpoint that cannot be used; the message names the file and the problem."""
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
+def _check_file_kind(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
+    head = path.read_bytes()[:512] if path.stat().st_size < 4096 else path.open("rb").read(512)
+    text = head.lstrip().lower()
+    if text.startswith(b"version https://git-lfs"):
+        raise CheckpointError(
+            f"{path} is a Git LFS pointer ({path.stat().st_size} bytes), not the checkpoint: run `git lfs pull` "
+            "or download the real file"
+        )
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        raise CheckpointError(
+            f"{path} is an HTML page, not a checkpoint: the download probably hit a login or error page; "
+            "download the file again"
+        )
 
 
-class ResnetBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int):
-        super().__init__()
-        self.norm1 = _group_norm(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = _group_norm(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all positions of a feature map, with a residual connection."""
-
-    def __init__(self, ch: int):
-        super().__init__()
-        self.norm = _group_norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj_out = nn.Conv2d(ch, ch, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)  # each (B, HW, C)
-        h = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
-        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+def _read_pth(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} was refused: loading it with weights_only=True failed because it contains objects other "
+            f"than tensors (a pickle that could run code). Only plain state dicts are accepted. Detail: "
+            f"{str(err).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(
+            f"{path} could not be read as a PyTorch checkpoint (truncated or corrupt download?): "
+            f"{str(err).splitlines()[0]}"
+        ) from None
+    if isinstance(obj, dict):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(obj.get(wrapper), dict) and "encoder.conv_in.weight" not in obj:
+                obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors (found {type(obj).__name__})")
+    return obj
 
 
-class Downsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Asymmetric padding (right and bottom only) so a stride-2 3×3 conv halves even sizes exactly.
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    meta_path = path.with_suffix(".json")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} could not be read as safetensors (truncated or corrupt?): {err}") from None
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return tensors, meta
 
 
-def _level(blocks: list[nn.Module], attns: list[nn.Module], resample: nn.Module | None, name: str) -> nn.Module:
-    level = nn.Module()
-    level.block = nn.ModuleList(blocks)
-    level.attn = nn.ModuleList(attns)
-    if resample is not None:
-        setattr(level, name, resample)
-    return level
+def _count(state: dict, pattern: str) -> int:
+    regex = re.compile(pattern)
+    return len({m.group(1) for k in state if (m := regex.match(k))})
 
 
-def _middle(ch: int, attn: bool) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1 = ResnetBlock(ch, ch)
-    mid.attn_1 = AttnBlock(ch) if attn else nn.Identity()
-    mid.block_2 = ResnetBlock(ch, ch)
-    return mid
+def infer_config(state: dict[str, torch.Tensor], path: Path) -> TokenizerConfig:
+    """Read width, channel multipliers, block count, latent channels, vocabulary and φ count off the tensors."""
+    required = ["encoder.conv_in.weight", "encoder.conv_out.weight", "quantize.embedding.weight"]
+    missing = [k for k in required if k not in state]
+    if missing:
+        sample = sorted(state)[:MAX_LISTED_KEYS]
+        raise CheckpointError(
+            f"{path} is not a VAR-family tokenizer: missing {missing}; its first keys are {sample}"
+        )
+    ch = state["encoder.conv_in.weight"].shape[0]
+    levels = _count(state, r"encoder\.down\.(\d+)\.")
+    ch_mult = tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
+    last = levels - 1
+    return TokenizerConfig(
+        ch=ch,
+        ch_mult=ch_mult,
+        num_res_blocks=_count(state, r"encoder\.down\.0\.block\.(\d+)\."),
+        z_channels=state["encoder.conv_out.weight"].shape[0],
+        vocab_size=state["quantize.embedding.weight"].shape[0],
+        num_phi=max(1, _count(state, r"quantize\.quant_resi\.qresi_ls\.(\d+)\.")),
+        attn_resolutions=f"encoder.down.{last}.attn.0.qkv.weight" in state,
+        mid_attn="encoder.mid.attn_1.qkv.weight" in state,
+    )
 
 
-class Encoder(nn.Module):
-    def __init__(self, cfg: TokenizerConfig):
-        super().__init__()
-        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
-        levels, ch_in = [], cfg.ch
-        for i, mult in enumerate(cfg.ch_mult):
-            last = i == len(cfg.ch_mult) - 1
-            blocks, attns = [], []
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(ch_in, cfg.ch * mult))
-                ch_in = cfg.ch * mult
-                if last and cfg.attn_resolutions:
-                    attns.append(AttnBlock(ch_in))
-            levels.append(_level(blocks, attns, None if last else Downsample(ch_in), "downsample"))
-        self.down = nn.ModuleList(levels)
-        self.mid = _middle(ch_in, cfg.mid_attn)
-        self.norm_out = _group_norm(ch_in)
-        self.conv_out = nn.Conv2d(ch_in, cfg.z_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for level in self.down:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg: TokenizerConfig):
-        super().__init__()
-        ch_in = cfg.ch * cfg.ch_mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, ch_in, 3, padding=1)
-        self.mid = _middle(ch_in, cfg.mid_attn)
-        # Levels are stored lowest resolution last (index = resolution level), as in the checkpoint, but run
-        # from the lowest resolution up.
-        levels: list[nn.Module] = []
-        for i in reversed(range(len(cfg.ch_mult))):
-            top = i == len(cfg.ch_mult) - 1
-            blocks, attns = [], []
-            for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(ch_in, cfg.ch * cfg.ch_mult[i]))
-                ch_in = cfg.ch * cfg.ch_mult[i]
-                if top and cfg.attn_resolutions:
-                    attns.append(AttnBlock(ch_in))
-            levels.insert(0, _level(blocks, attns, Upsample(ch_in) if i != 0 else None, "upsample"))
-        self.up = nn.ModuleList(levels)
-        self.norm_out = _group_norm(ch_in)
-        self.conv_out = nn.Conv2d(ch_in, 3, 3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
-        for level in reversed(self.up):
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class VARQuantizer(MultiScaleQuantizer):
-    """VAR's native quantizer: a plain codebook in the multi-scale layout, plus VAR's code-usage statistics."""
-
-    def __init__(self, cfg: TokenizerConfig):
-        super().__init__(Codebook(cfg.vocab_size, cfg.z_channels), cfg.patch_nums, cfg.num_phi, beta=cfg.beta)
-        # Per-scale moving average of code hits kept by VAR's training; it holds no weights, it only rides along
-        # so checkpoints round-trip.
-        self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(cfg.patch_nums), cfg.vocab_size))
-
-
-class VQVAE(nn.Module):
-    def __init__(self, config: TokenizerConfig):
-        super().__init__()
-        self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
-        self.quantize = VARQuantizer(config)
-        self.quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 3, padding=1)
-        self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 3, padding=1)
-        self.sha256: str | None = None  # of the file this tokenizer was loaded from
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return self.config.latent_shape
-
-    @property
-    def quantizer(self) -> VARQuantizer:
-        return self.quantize
-
-    def check_images(self, x: torch.Tensor) -> None:
-        R = self.config.image_size
-        if x.dtype == torch.uint8:
-            raise TypeError("encode() takes float images in [-1, 1], got uint8; scale with x.float() / 127.5 - 1")
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"encode() takes images of shape (B, 3, H, W), got {tuple(x.shape)}")
-        if x.shape[2] % self.config.downsample or x.shape[3] % self.config.downsample:
-            raise ValueError(
-                f"image size {x.shape[2]}x{x.shape[3]} is not divisible by the downsampling factor "
-                f"{self.config.downsample}; this tokenizer expects {R}x{R}"
+def _load_strict(model: VQVAE, state: dict[str, torch.Tensor], path: Path) -> None:
+    state = {VAR_KEY_RENAMES.get(k, k): v for k, v in state.items()}
+    expected = model.state_dict()
+    usage = state.get(USAGE_BUFFER)
+    if usage is not None and usage.shape != expected[USAGE_BUFFER].shape:
+        # Code-usage statistics from training, not weights: a different scale count only loses the statistics.
+        log.warning(
+            "%s: %s has shape %s but the model has %s scales; the usage statistics are reset",
+            path, USAGE_BUFFER, tuple(usage.shape), len(model.config.patch_nums),
+        )
+        state[USAGE_BUFFER] = expected[USAGE_BUFFER]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match the VAR tokenizer architecture inferred from it: "
+            f"{len(missing)} missing keys (first: {missing[:MAX_LISTED_KEYS]}), "
+            f"{len(unexpected)} unexpected keys (first: {unexpected[:MAX_LISTED_KEYS]})"
+        )
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}"
             )
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Map images (B, 3, R, R) in [-1, 1] to encoder latents z_e (B, C, h, w), quant_conv included."""
-        self.check_images(x)
-        return self.quant_conv(self.encoder(x))
-
-    def decode(self, z_q: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-        """Map quantized latents (B, C, h, w) to images (B, 3, R, R), post_quant_conv included."""
-        x = self.decoder(self.post_quant_conv(z_q))
-        return x.clamp(-1, 1) if clamp else x
-
-    def decoder_modules(self) -> nn.ModuleDict:
-        """Return the modules adaptation fine-tunes: the decoder and post_quant_conv (shared, not copies)."""
-        return nn.ModuleDict({"decoder": self.decoder, "post_quant_conv": self.post_quant_conv})
-
-    def forward(self, x: torch.Tensor):
-        """Reconstruct x through the native quantizer for training; return (x_hat, QuantizerOutput)."""
-        out = self.quantize(self.encode(x))
-        return self.decode(out.z_q, clamp=False), out
-
-    def var_state_dict(self) -> dict[str, torch.Tensor]:
-        """Return the state dict under the VAR checkpoint's key names."""
-        inverse = {v: k for k, v in VAR_KEY_RENAMES.items()}
-        return {inverse.get(k, k): v for k, v in self.state_dict().items()}
+    model.load_state_dict(state, strict=True)
 
 
-def build_tokenizer(config: TokenizerConfig | str = "var", **overrides) -> VQVAE:
-    """Build a randomly initialised tokenizer from a config or a preset name ("var", "demo")."""
-    if isinstance(config, str):
-        if config not in PRESETS:
-            raise ValueError(f"unknown tokenizer preset {config!r}; choose from {sorted(PRESETS)}")
-        config = PRESETS[config]
-    if overrides:
-        config = replace(config, **overrides)
-    return VQVAE(config)
+def load_tokenizer(
+    path: str | Path,
+    *,
+    patch_nums: tuple[int, ...] | None = None,
+    image_size: int | None = None,
+) -> VQVAE:
+    """Load a VAR-family tokenizer, inferring its architecture from the checkpoint's tensors.
+
+    Raises FileNotFoundError for a missing file and CheckpointError (one line naming the file) for an HTML page,
+    a Git LFS pointer, a truncated file, a pickle holding code, or tensors of another model.
+    """
+    path = Path(path)
+    _check_file_kind(path)
+    meta: dict = {}
+    if path.suffix == ".safetensors":
+        state, meta = _read_safetensors(path)
+    else:
+        state = _read_pth(path)
+
+    config = infer_config(state, path)
+    saved = meta.get("config", {})
+    patch_nums = tuple(patch_nums or saved.get("patch_nums") or VAR_PATCH_NUMS)
+    image_size = image_size or saved.get("image_size") or patch_nums[-1] * config.downsample
+    config = replace(config, patch_nums=patch_nums, image_size=int(image_size), beta=saved.get("beta", config.beta))
+    if config.latent_shape[1] != patch_nums[-1]:
+        raise CheckpointError(
+            f"{path}: image size {image_size} gives a {config.latent_shape[1]}x{config.latent_shape[1]} latent grid "
+            f"but the last scale of patch_nums is {patch_nums[-1]}; pass matching image_size and patch_nums"
+        )
+
+    model = VQVAE(config)
+    _load_strict(model, state, path)
+    model.sha256 = sha256_file(path)
+    return model.eval()
 
 
-# Loading and saving live in common.tokenizer_io so this file stays about the architecture.
-from common.tokenizer_io import load_tokenizer, save_tokenizer  # noqa: E402  (re-export for the public API)
-
-__all__ = [
-    "PRESETS",
-    "TokenizerConfig",
-    "VQVAE",
-    "build_tokenizer",
-    "load_tokenizer",
-    "save_tokenizer",
-]
+def save_tokenizer(model: VQVAE, prefix: str | Path, extra: dict | None = None) -> Path:
+    """Write `prefix.safetensors` (VAR key names) and `prefix.json` (architecture); return the weights path."""
+    prefix = Path(prefix)
+    weights = prefix.with_suffix(".safetensors")
+    atomic_save_safetensors(weights, model.var_state_dict())
+    atomic_write_json(prefix.with_suffix(".json"), {"format": FORMAT, "config": model.config.to_json(), **(extra or {})})
+    return weights

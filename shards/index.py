@@ -97,8 +97,8 @@ def resolve_shards(spec: str | list[str]) -> list[ShardInfo]:
 
 
 def index_hash(shards: list[ShardInfo]) -> str:
-    """Return a sha256 over the shard names and counts: what a cache built from this set was built from."""
-    names = [{"name": PurePosixPath(s.url).name, "nsamples": s.nsamples} for s in shards]
+    """Return a sha256 over shard file names, sample counts and file sizes, which survive moving the shards."""
+    names = [{"name": PurePosixPath(s.url).name, "nsamples": s.nsamples, "filesize": s.filesize} for s in shards]
     return hashlib.sha256(json.dumps(names, sort_keys=True).encode()).hexdigest()
 
 

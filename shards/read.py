@@ -2,8 +2,8 @@
 
 The pipeline is a chain of small generators over webdataset's tar reader. Splitting is explicit: the caller
 passes the shards this process owns (see `shards_for_rank`), and loader workers split them further with
-webdataset's `split_by_worker`. A bad sample (undecodable image, missing image member, key with a dot, duplicate
-key, truncated tar) never stops the stream: it becomes a *skip record* `{"skip": reason, "key", "url", "error"}`
+webdataset's `split_by_worker`. A bad sample (undecodable image, missing image member, non-integer label, key with a
+dot, duplicate key, truncated tar) never stops the stream: it becomes a *skip record* `{"skip": reason, "key", "url", "error"}`
 that the consumer counts, logs and stores, so counts survive loader workers. Nothing sleeps on errors.
 """
 
@@ -113,7 +113,11 @@ def _decode(samples: Iterable[dict], image_size: int) -> Iterator[dict]:
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             yield {"skip": "undecodable_image", "key": key, "url": url, "error": repr(err)[:200]}
             continue
-        cls = int(sample["cls"].decode().strip()) if "cls" in sample else -1
+        try:
+            cls = int(sample["cls"].decode().strip()) if "cls" in sample else -1
+        except (UnicodeDecodeError, ValueError) as err:
+            yield {"skip": "invalid_label", "key": key, "url": url, "error": repr(err)[:200]}
+            continue
         yield {"key": key, "image": image, "cls": cls, "url": url}
 
 

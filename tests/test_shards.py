@@ -84,10 +84,12 @@ def test_expand_and_hash():
     assert expand_urls("s-{00..02}.tar") == ["s-00.tar", "s-01.tar", "s-02.tar"]
     assert expand_urls("a.tar,b.tar") == ["a.tar", "b.tar"]
     a = [ShardInfo("/data/s-00.tar", 10, 1), ShardInfo("/data/s-01.tar", 5, 1)]
-    moved = [ShardInfo("s3://bucket/s-00.tar", 10, 9), ShardInfo("s3://bucket/s-01.tar", 5, 9)]
+    moved = [ShardInfo("s3://bucket/s-00.tar", 10, 1), ShardInfo("s3://bucket/s-01.tar", 5, 1)]
     recounted = [ShardInfo("/data/s-00.tar", 10, 1), ShardInfo("/data/s-01.tar", 4, 1)]
+    rewritten = [ShardInfo("/data/s-00.tar", 10, 2), ShardInfo("/data/s-01.tar", 5, 1)]
     assert index_hash(a) == index_hash(moved)
     assert index_hash(a) != index_hash(recounted)
+    assert index_hash(a) != index_hash(rewritten)
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):
@@ -102,13 +104,15 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
             ("twice.jpg", _jpeg(2)),
             ("other.jpg", _jpeg(3)),
             ("twice.jpg", _jpeg(4)),
+            ("badlabel.jpg", _jpeg(5)),
+            ("badlabel.cls", b"seven"),
         ],
     )
     skips = SkipLog()
     samples = list(iter_samples([url], 32, skips))
     assert [s["key"] for s in samples] == ["good", "twice", "other"]
-    assert dict(skips.counts) == {"undecodable_image": 1, "missing_image": 1, "key_with_dot": 1, "duplicate_key": 1}
-    assert {e["key"] for e in skips.examples} == {"broken", "nolabel", "dotted.key", "twice"}
+    assert dict(skips.counts) == {"undecodable_image": 1, "missing_image": 1, "key_with_dot": 1, "duplicate_key": 1, "invalid_label": 1}
+    assert {e["key"] for e in skips.examples} == {"broken", "nolabel", "dotted.key", "twice", "badlabel"}
     assert all(e["url"] == url for e in skips.examples)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from common.quantize import Codebook, MultiScaleQuantizer, SharedPhis, usage_counts
 from common.tokenizer import PRESETS, build_tokenizer, load_tokenizer, save_tokenizer
-from common.tokenizer_io import CheckpointError
+from common.tokenizer import CheckpointError
 
 KEYS_TSV = Path(__file__).parent / "data" / "var_vae_ch160v4096z32.keys.tsv"
 
@@ -101,6 +101,9 @@ def test_encode_rejects_bad_input(tiny_tokenizer):
         tiny_tokenizer.encode(torch.zeros(1, 1, 64, 64))
     with pytest.raises(ValueError, match="divisible"):
         tiny_tokenizer.encode(torch.zeros(1, 3, 62, 62))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        tiny_tokenizer.encode(torch.full((1, 3, 64, 64), 255.0))
+    tiny_tokenizer.encode(torch.full((1, 3, 64, 64), 1.01))
 
 
 def test_missing_checkpoint_names_path(tmp_path):

@@ -1,0 +1,5 @@
+"""Latent cache: the frozen encoder's latents of every sample of a WebDataset shard set, stored once in Zarr v3."""
+
+from cache.reader import IncompleteCacheError, LatentCache, ShardRecord, TokenizerMismatchError, open_cache
+
+__all__ = ["IncompleteCacheError", "LatentCache", "ShardRecord", "TokenizerMismatchError", "open_cache"]

@@ -1,0 +1,244 @@
+"""Encode a WebDataset shard set once with the frozen tokenizer encoder and store the latents in a Zarr v3 cache.
+
+    accelerate launch cache/build.py --shards 'data/train-{0000..0099}.tar' --tokenizer vae.pth --out latents.zarr
+
+Also runs as plain `python cache/build.py ...`. Each process encodes whole shards and writes each one in a single
+call, so processes never share a storage object. Rerunning the same command resumes: shards already marked
+written are kept and only the others are encoded.
+
+NOTE: convolutions can round differently with another device or CPU thread count, so a shard redone on resume
+may differ in the last bit from what the first run would have stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+import zarr
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from cache.encode import Encoder, ShardBatches, ShardBuffer
+from cache.store import (
+    DTYPES, Layout, create_store, cross_shard_duplicates, layout_of, mark_complete, open_store, pending_shards,
+    plan_layout, provenance_differences, write_shard,
+)
+from common.config import config_to_dict, parse_config
+from common.preprocess import transform_description
+from common.tokenizer import VQVAE, load_tokenizer
+from shards.index import ShardInfo, index_hash, resolve_shards
+from shards.read import shards_for_rank
+
+log = logging.getLogger("cache.build")
+
+
+@dataclass
+class BuildConfig:
+    """Encode WebDataset shards with a frozen tokenizer encoder into a Zarr v3 latent cache."""
+
+    shards: tuple[str, ...] = field(metadata={
+        "help": "a shard-index JSON, brace patterns such as 'train-{0000..0099}.tar', or a list of shard URLs"})
+    tokenizer: str = field(metadata={"help": "tokenizer checkpoint: VAR .pth, or this tool's .safetensors"})
+    out: str = field(metadata={"help": "Zarr store to create, or to resume when it contains an unfinished build"})
+    dtype: str = field(default="float16", metadata={"help": "stored latent dtype", "choices": DTYPES})
+    batch_size: int = field(default=32, metadata={"help": "images per encoder call, per process"})
+    workers: int = field(default=2, metadata={"help": "DataLoader worker processes decoding images, per process"})
+    hflip: bool = field(default=False, metadata={"help": "also store latents of horizontally flipped images"})
+    strict: bool = field(default=False, metadata={"help": "stop at the first bad sample instead of skipping it"})
+    image_size: int | None = field(default=None, metadata={
+        "help": "side R of the preprocessed images in pixels (default: the tokenizer's own image size)"})
+    chunk_rows: int = field(default=64, metadata={"help": "latents per Zarr chunk (the unit of a random read)"})
+    bf16: bool = field(default=False, metadata={"help": "encode under bfloat16 autocast (changes the latents)"})
+    channels_last: bool = field(default=False, metadata={"help": "run the encoder in channels_last memory format"})
+
+
+def load_frozen_tokenizer(path: str) -> VQVAE:
+    """Load the tokenizer, checking first that the file exists, because every process would fail on it."""
+    if "://" not in path and not Path(path).is_file():
+        raise FileNotFoundError(f"--tokenizer {path}: file not found. Give the path of the tokenizer checkpoint")
+    return load_tokenizer(path)
+
+
+def resolve_image_size(cfg: BuildConfig, tokenizer: VQVAE) -> int:
+    size = cfg.image_size or tokenizer.image_size
+    if size % tokenizer.config.downsample:
+        raise ValueError(
+            f"--image-size {size} is not divisible by the tokenizer's downsampling factor "
+            f"{tokenizer.config.downsample}. Pick a multiple of it"
+        )
+    return size
+
+
+def describe_build(cfg: BuildConfig, tokenizer: VQVAE, shards: list[ShardInfo], image_size: int) -> dict[str, Any]:
+    """Return the provenance attrs: everything that determines the stored latents, compared when resuming."""
+    return {
+        "tokenizer": {"sha256": tokenizer.sha256, "config": tokenizer.config.to_json()},
+        "preprocessing": transform_description(image_size),
+        "image_size": image_size,
+        "dtype": cfg.dtype,
+        "encode_precision": "bf16-autocast" if cfg.bf16 else "float32",
+        "shard_index_sha256": index_hash(shards),
+    }
+
+
+def store_exists(path: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(path)
+    return fs.exists(f"{root.rstrip('/')}/zarr.json")
+
+
+def create_or_resume(cfg: BuildConfig, shards: list[ShardInfo], layout: Layout, provenance: dict) -> zarr.Group:
+    """Create the store, or reopen an earlier build of the same inputs.
+
+    Raises ValueError when the store at --out was built from other inputs.
+    """
+    if not store_exists(cfg.out):
+        group = create_store(cfg.out, [(s.url, s.nsamples) for s in shards], layout, provenance)
+        group.attrs["build_config"] = config_to_dict(cfg)
+        return group
+    group = open_store(cfg.out, mode="r+")
+    stored_urls = [entry["url"] for entry in group.attrs["shards"]]
+    differences = provenance_differences(group.attrs["provenance"], provenance)
+    differences += provenance_differences({"layout": group.attrs["layout"]}, {"layout": layout.to_json()})
+    if differences:
+        lines = "\n  ".join(differences)
+        raise ValueError(
+            f"--out {cfg.out} contains a latent cache built from different inputs (stored -> requested):\n  {lines}\n"
+            "Give a new --out path, or delete the store to rebuild it."
+        )
+
+    # the shard-index hash covers file names and counts only, so moved shards resume from their new location
+    if stored_urls != [s.url for s in shards]:
+        group.attrs["shards"] = [{"url": s.url, "nsamples": s.nsamples} for s in shards]
+    return group
+
+
+def encode_shards(
+    cfg: BuildConfig, group: zarr.Group, encoder: Encoder, shards: list[tuple[int, str]], progress: tqdm | None,
+) -> int:
+    """Encode this process's shards, writing each one whole and then marking it. Returns the number of latents."""
+    dataset = ShardBatches(shards, encoder_image_size(group), cfg.batch_size)
+    loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers, pin_memory=encoder.device.type == "cuda")
+    urls = dict(shards)
+    buffers: dict[int, ShardBuffer] = {}
+    written = 0
+    for item in loader:
+        shard = item["shard"]
+        buffer = buffers.setdefault(shard, ShardBuffer(cfg.strict))
+        latents = encoder(item["images"]) if item["keys"] else {}
+        buffer.add(item["keys"], latents, item["skips"])
+        if progress is not None:
+            progress.update(len(item["keys"]) + len(item["skips"]))
+        if item["last"]:
+            written += store_shard(group, shard, urls[shard], buffers.pop(shard))
+    return written
+
+
+def store_shard(group: zarr.Group, shard: int, url: str, buffer: ShardBuffer) -> int:
+    """Write a whole shard and its mark, unless its tar file failed to read. Returns the latents written."""
+    if buffer.tar_errors:
+        log.error("shard %d (%s) not written because its tar file could not be read: %s. Replace the file and "
+                  "rerun the same command to encode the missing shards", shard, url, buffer.tar_errors[0])
+        return 0
+    layout = layout_of(group)
+    write_shard(group, shard, buffer.keys, buffer.views(layout.views, layout.latent_shape), buffer.skip_record())
+    log.info("shard %d written: %d latents, skips %s", shard, len(buffer.keys), dict(buffer.skips.counts))
+    return len(buffer.keys)
+
+
+def check_all_written(cfg: BuildConfig, group: zarr.Group) -> None:
+    """Exit with an error, leaving the store incomplete, when some shard could not be encoded."""
+    missing = pending_shards(group)
+    if missing:
+        urls = [group.attrs["shards"][i]["url"] for i in missing[:5]]
+        raise SystemExit(
+            f"{len(missing)} shards were not written (first: {urls}). The errors above say why. Fix them and rerun "
+            f"the same command: it encodes only the missing shards of {cfg.out}"
+        )
+
+
+def encoder_image_size(group: zarr.Group) -> int:
+    return int(group.attrs["provenance"]["image_size"])
+
+
+def finish_store(cfg: BuildConfig, group: zarr.Group) -> dict[str, int]:
+    """Count keys repeated across shards (readers keep the first) and set the complete mark. Main process only."""
+    repeats = cross_shard_duplicates(group)
+    for key, first, later in repeats[:20]:
+        log.warning("key %r of shard %d repeats a key of shard %d, so readers ignore the copy in shard %d",
+                    key, later, first, later)
+    if repeats and cfg.strict:
+        raise ValueError(
+            f"{len(repeats)} keys appear in more than one shard (first: {repeats[0][0]!r}). Remove the repeats from "
+            "the shards, or rerun without --strict to keep each key's first shard"
+        )
+    return mark_complete(group, {"duplicate_key": len(repeats)} if repeats else None)
+
+
+def print_summary(cfg: BuildConfig, group: zarr.Group, encoded: int, seconds: float, totals: dict[str, int]) -> None:
+    layout = layout_of(group)
+    stored = int(group["counts"][:].sum())
+    shape = "x".join(map(str, layout.latent_shape))
+    print(f"latent cache {cfg.out}: complete, {layout.n_shards} shards, {stored} latents of {shape} {layout.dtype}, "
+          f"views {list(layout.views)}")
+    print(f"this run encoded {encoded} images in {seconds:.1f} s ({encoded / max(seconds, 1e-9):.1f} images/s)")
+    print(f"skipped samples by reason: {totals or 'none'}")
+    print(f"check it and see its size and channel statistics with: python -m cache.verify {cfg.out}")
+
+
+def main(cfg: BuildConfig) -> None:
+    # one process per device, and only the main process creates the store and changes its attributes
+    accelerator = Accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+
+    # every process loads the frozen encoder, but only the main process resolves the shard set and creates the store
+    tokenizer = load_frozen_tokenizer(cfg.tokenizer)
+    image_size = resolve_image_size(cfg, tokenizer)
+    if accelerator.is_main_process:
+        shards = resolve_shards(" ".join(cfg.shards))
+        C, _, _ = tokenizer.latent_shape
+        side = image_size // tokenizer.config.downsample
+        layout = plan_layout([s.nsamples for s in shards], (C, side, side), dtype=cfg.dtype,
+                             chunk_rows=cfg.chunk_rows, hflip=cfg.hflip)
+        create_or_resume(cfg, shards, layout, describe_build(cfg, tokenizer, shards, image_size))
+    accelerator.wait_for_everyone()
+
+    # deal the unwritten shards round-robin. The second barrier keeps a fast process's new marks out of the plan
+    group = open_store(cfg.out, mode="r+")
+    urls = [entry["url"] for entry in group.attrs["shards"]]
+    mine = shards_for_rank(pending_shards(group), rank, world)
+    accelerator.wait_for_everyone()
+    if not mine:
+        log.info("no unwritten shards for this process, waiting for the others")
+
+    # encode and write whole shards (the progress bar counts the main process's own images)
+    encoder = Encoder(tokenizer, accelerator.device, hflip=cfg.hflip, bf16=cfg.bf16, channels_last=cfg.channels_last)
+    expected = sum(group.attrs["shards"][i]["nsamples"] for i in mine)
+    progress = tqdm(total=expected, unit="img", desc="encode") if accelerator.is_main_process else None
+    start = time.perf_counter()
+    with logging_redirect_tqdm():
+        encoded = encode_shards(cfg, group, encoder, [(i, urls[i]) for i in mine], progress)
+    if progress is not None:
+        progress.close()
+
+    # after every process has marked its shards, the main process merges skip counts and marks the store complete
+    accelerator.wait_for_everyone()
+    encoded = int(accelerator.reduce(torch.tensor(encoded, device=accelerator.device), reduction="sum").item())
+    seconds = time.perf_counter() - start
+    if accelerator.is_main_process:
+        check_all_written(cfg, group)
+        totals = finish_store(cfg, group)
+        print_summary(cfg, group, encoded, seconds, totals)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_config(BuildConfig))

@@ -1,0 +1,1 @@
+"""Substitution: train a new quantizer on cached encoder latents (quantizers, losses, metrics, trainer)."""

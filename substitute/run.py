@@ -1,0 +1,341 @@
+"""Substitution: train a new quantizer on cached encoder latents, with encoder and decoder frozen.
+
+    accelerate launch substitute/run.py --cache latents.zarr --quantizer mmd --layout multiscale \
+        --codebook-size 8192 --out runs/mmd8192
+
+Reads latents only from the cache (the encoder never runs), minimises the layout's VQ loss plus the codebook's
+alignment term, and finishes with E and U over the evaluation cache, written to report.json. Also runs as plain
+`python substitute/run.py ...`. Restarting on the same --out resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from tqdm.auto import tqdm
+
+from cache import open_cache
+from common.checkpoint import flatten_state, unflatten_state
+from common.config import config_to_dict, parse_config
+from common.quantize import VAR_PATCH_NUMS, QuantizerOutput, usage_counts
+from common.rundir import RunDir
+from substitute.data import LatentSource, PreloadedLatents, eval_batches, steps_per_epoch, train_loader
+from substitute.metrics import batch_error, format_stats, quantization_stats, usage_summary
+from substitute.quantizers import CODEBOOKS, LAYOUTS, build_quantizer, save_quantizer
+
+
+@dataclass
+class SubstituteConfig:
+    """Train a transplant quantizer on a latent cache."""
+
+    cache: str = field(metadata={"help": "latent cache (Zarr store written by cache/build.py) to train on"})
+    out: str = field(metadata={"help": "run directory; an existing run with a checkpoint is resumed"})
+    quantizer: str = field(
+        default="mmd", metadata={"help": f"codebook kind: {', '.join(sorted(CODEBOOKS))}", "choices": sorted(CODEBOOKS)}
+    )
+    layout: str = field(
+        default="multiscale", metadata={"help": f"quantizer layout: {', '.join(LAYOUTS)}", "choices": list(LAYOUTS)}
+    )
+    codebook_size: int = field(default=8192, metadata={"help": "codes per codebook (K)"})
+    quantizer_options: tuple[str, ...] = field(
+        default=(), metadata={"help": "codebook options as KEY=VALUE (YAML values), e.g. gamma=0.3 decay=0.9"}
+    )
+    patch_nums: tuple[int, ...] = field(
+        default=VAR_PATCH_NUMS, metadata={"help": "multi-scale side lengths; the last must equal the latent side"}
+    )
+    groups: int = field(default=2, metadata={"help": "channel groups of the fixed-scale layout"})
+    eval_cache: str | None = field(
+        default=None, metadata={"help": "latent cache for the final E/U evaluation (default: the training cache)"}
+    )
+    eval_limit: int | None = field(default=None, metadata={"help": "evaluate on the first N keys only"})
+    epochs: int = field(default=2, metadata={"help": "passes over the training cache (ignored when --steps is set)"})
+    steps: int | None = field(default=None, metadata={"help": "total optimizer steps; overrides --epochs"})
+    batch_size: int = field(default=32, metadata={"help": "latents per process per step"})
+    eval_batch_size: int = field(default=64, metadata={"help": "latents per process per evaluation batch"})
+    lr: float = field(default=1e-4, metadata={"help": "learning rate at the first step (linear schedule)"})
+    lr_end: float = field(default=1e-5, metadata={"help": "learning rate at the last step"})
+    codebook_lr: float | None = field(
+        default=None, metadata={"help": "constant learning rate for the codebook, replacing the schedule"}
+    )
+    phi_lr: float | None = field(
+        default=None, metadata={"help": "constant learning rate for the phi convolutions, replacing the schedule"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay for all parameters"})
+    log_every: int = field(default=50, metadata={"help": "steps between metric lines in metrics.jsonl"})
+    checkpoint_every: int = field(default=1000, metadata={"help": "steps between resumable checkpoints"})
+    workers: int = field(default=2, metadata={"help": "DataLoader worker processes reading the cache"})
+    preload: bool = field(
+        default=False,
+        metadata={"help": "read the whole training cache into memory first (float16, ~16 KiB per VAR latent)"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of initialisation and data order"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing run directory without a checkpoint"})
+
+
+def parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """Turn KEY=VALUE strings into codebook keyword arguments, reading each value as YAML (0.3, true, mean)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--quantizer-options {pair!r}: expected KEY=VALUE, for example gamma=0.3")
+        options[key.replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
+def make_quantizer(cfg: SubstituteConfig, latent_shape: tuple[int, int, int]) -> nn.Module:
+    """Build the quantizer for latents of shape (C, h, w), checking that the layout fits them."""
+    channels, height, width = latent_shape
+    if height != width:
+        raise SystemExit(
+            f"latent cache {cfg.cache} contains {height}x{width} latents, but both layouts need a square grid"
+        )
+    if cfg.layout == "multiscale" and cfg.patch_nums[-1] != height:
+        raise SystemExit(
+            f"--patch-nums ends at {cfg.patch_nums[-1]} but the cached latents are {height}x{width}; "
+            f"give --patch-nums ending at {height}"
+        )
+    try:
+        return build_quantizer(
+            cfg.quantizer, layout=cfg.layout, codebook_size=cfg.codebook_size, dim=channels,
+            patch_nums=cfg.patch_nums, groups=cfg.groups, grid=height, **parse_options(cfg.quantizer_options),
+        )
+    except ValueError as error:
+        raise SystemExit(f"cannot build the quantizer: {error}") from None
+
+
+def has_unused_parameters(quantizer: nn.Module) -> bool:
+    """Return whether some φ gets no gradient, which happens when fewer scales than φ's pick their nearest φ."""
+    phis = getattr(quantizer, "quant_resi", None)
+    if phis is None:
+        return False
+    scales = len(quantizer.patch_nums)
+    return len({phis.index_for(k, scales) for k in range(scales)}) < len(phis.qresi_ls)
+
+
+def fixed_learning_rates(cfg: SubstituteConfig) -> dict[str, float | None]:
+    """Map each parameter group to its constant lr override, or None where it follows the schedule."""
+    return {"codebook": cfg.codebook_lr, "phi": cfg.phi_lr}
+
+
+def make_optimizer(quantizer: nn.Module, cfg: SubstituteConfig) -> torch.optim.AdamW | None:
+    """Build AdamW with one group for the codebooks and one for the φ's, or return None when nothing trains."""
+    codebook_params = [p for cb in quantizer.codebooks() for p in cb.parameters() if p.requires_grad]
+    codebook_ids = {id(p) for p in codebook_params}
+    phi_params = [p for p in quantizer.parameters() if p.requires_grad and id(p) not in codebook_ids]
+    fixed = fixed_learning_rates(cfg)
+    groups = [
+        {"name": "codebook", "params": codebook_params, "fixed_lr": fixed["codebook"]},
+        {"name": "phi", "params": phi_params, "fixed_lr": fixed["phi"]},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        return None
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: SubstituteConfig, step: int, total: int) -> None:
+    """Set each group's lr to the linear schedule from --lr to --lr-end, unless the group has a fixed lr."""
+    progress = step / max(total - 1, 1)
+    scheduled = cfg.lr + (cfg.lr_end - cfg.lr) * progress
+    for group in optimizer.param_groups:
+        group["lr"] = group["fixed_lr"] if group["fixed_lr"] is not None else scheduled
+
+
+def save_state(run: RunDir, quantizer: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
+    state = {"quantizer": quantizer.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None}
+    tensors, skeleton = flatten_state(state)
+    run.save_checkpoint("last", tensors, {"step": step, "state": skeleton, "spec": quantizer.spec.to_json()})
+
+
+def load_state(
+    run: RunDir, quantizer: nn.Module, optimizer: torch.optim.Optimizer | None, cfg: SubstituteConfig
+) -> int:
+    """Restore quantizer and optimizer from the run's last checkpoint and return its step."""
+    loaded = run.load_checkpoint("last")
+    if loaded is None:
+        return 0
+    tensors, meta = loaded
+    if meta["spec"] != quantizer.spec.to_json():
+        raise SystemExit(
+            f"{run.path} contains a checkpoint of a different quantizer ({meta['spec']['kind']}, "
+            f"{meta['spec']['layout']}, K={meta['spec']['codebook_size']}); choose another --out or rerun with "
+            "the same quantizer options"
+        )
+    state = unflatten_state(tensors, meta["state"])
+    quantizer.load_state_dict(state["quantizer"], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        # load_state_dict restores the saved group options too, so apply this run's lr overrides again.
+        fixed = fixed_learning_rates(cfg)
+        for group in optimizer.param_groups:
+            group["fixed_lr"] = fixed[group["name"]]
+    return int(meta["step"])
+
+
+def step_metrics(
+    accelerator: Accelerator,
+    quantizer: nn.Module,
+    out: QuantizerOutput,
+    z: torch.Tensor,
+    optimizer: torch.optim.Optimizer | None,
+) -> dict[str, float]:
+    """Return loss terms, batch E, U and perplexity, with losses averaged and code counts summed over processes."""
+    losses = torch.stack([out.loss.detach(), out.stats["vq_loss"], out.stats["codebook_loss"], batch_error(out.z_q, z)])
+    losses = accelerator.reduce(losses.float(), reduction="mean")
+    counts = accelerator.reduce(usage_counts(quantizer, out.indices), reduction="sum")
+    metrics = dict(zip(("loss", "vq_loss", "codebook_loss", "E_batch"), losses.tolist()))
+    metrics.update({f"{k}_batch": v for k, v in usage_summary(quantizer, counts).items()})
+    for group in optimizer.param_groups if optimizer else []:
+        metrics[f"lr/{group['name']}"] = group["lr"]
+    return metrics
+
+
+def train(
+    accelerator: Accelerator,
+    model: nn.Module,
+    quantizer: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    source: LatentSource,
+    run: RunDir,
+    cfg: SubstituteConfig,
+    start: int,
+    total: int,
+    per_epoch: int,
+) -> int:
+    """Run optimizer steps `start` to `total`, logging and checkpointing on the way, and return the last step.
+
+    `model` is the quantizer as prepared by accelerate (DDP-wrapped when distributed). Each epoch gets its own
+    loader, so a resumed run continues the same data order mid-epoch.
+    """
+    quantizer.train()
+    progress = tqdm(
+        total=total, initial=start, disable=not accelerator.is_main_process, unit="step", dynamic_ncols=True
+    )
+    step, started = start, time.perf_counter()
+    while step < total:
+        epoch, within = divmod(step, per_epoch)
+        loader = train_loader(
+            source, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch, start=within,
+            rank=accelerator.process_index, world_size=accelerator.num_processes,
+            workers=0 if cfg.preload else cfg.workers,  # in-memory reads need no worker processes
+        )
+        for z in loader:
+            z = z.to(accelerator.device, non_blocking=True)  # (B, C, h, w)
+            if optimizer is not None:
+                set_learning_rates(optimizer, cfg, step, total)
+            out = model(z)
+            if optimizer is not None:
+                accelerator.backward(out.loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+
+            # The metric reductions are collectives, so every process must take this branch.
+            if step % cfg.log_every == 0 or step == total:
+                # step_metrics waits for the device, so the rate below counts finished steps only.
+                metrics = step_metrics(accelerator, quantizer, out, z, optimizer)
+                elapsed = time.perf_counter() - started
+                metrics["samples_per_s"] = (step - start) * cfg.batch_size * accelerator.num_processes / elapsed
+                if accelerator.is_main_process:
+                    run.log_metrics(step, metrics)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", E=f"{metrics['E_batch']:.4f}")
+            if (step % cfg.checkpoint_every == 0 or step == total) and accelerator.is_main_process:
+                save_state(run, quantizer, optimizer, step)
+            if step >= total:
+                break
+    progress.close()
+    return step
+
+
+def evaluate(accelerator: Accelerator, quantizer: nn.Module, source: LatentSource, cfg: SubstituteConfig) -> dict:
+    """Compute E and U over the evaluation cache, with each key quantized by exactly one process."""
+    quantizer.eval()
+    batches = eval_batches(
+        source, batch_size=cfg.eval_batch_size, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, limit=cfg.eval_limit,
+    )
+    return quantization_stats(
+        quantizer, batches, device=accelerator.device, reduce=lambda t: accelerator.reduce(t, reduction="sum")
+    )
+
+
+def main(cfg: SubstituteConfig) -> dict:
+
+    # Latents come only from the caches, so the encoder never runs here.
+    train_source = open_cache(cfg.cache)
+    eval_source = open_cache(cfg.eval_cache) if cfg.eval_cache else train_source
+    if cfg.preload:
+        train_source = PreloadedLatents(train_source)
+    latent_shape = tuple(train_source.latents(train_source.keys[:1]).shape[1:])  # (C, h, w)
+
+    # Every process seeds the same before building, so the initial weights agree.
+    set_seed(cfg.seed)
+    quantizer = make_quantizer(cfg, latent_shape)
+
+    # Decide once whether the run is distributed.
+    ddp_options = DistributedDataParallelKwargs(find_unused_parameters=has_unused_parameters(quantizer))
+    accelerator = Accelerator(kwargs_handlers=[ddp_options])
+    quantizer = quantizer.to(accelerator.device)
+
+    # Run directory: the main process creates (or resumes) it before the others look at it.
+    if accelerator.is_main_process:
+        run = RunDir(cfg.out, overwrite=cfg.overwrite)
+        run.save_config(cfg)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        # The main process has already checked the folder and written config.json, so only read the resume state.
+        run = RunDir(cfg.out, overwrite=True, create=False)
+
+    # Optimizer and the step to start from.
+    optimizer = make_optimizer(quantizer, cfg)
+    start = load_state(run, quantizer, optimizer, cfg) if run.resume else 0
+    per_epoch = steps_per_epoch(len(train_source.keys), cfg.batch_size, accelerator.num_processes)
+    if per_epoch == 0:
+        raise SystemExit(
+            f"latent cache {cfg.cache} has {len(train_source.keys)} samples, fewer than one global batch of "
+            f"{cfg.batch_size} x {accelerator.num_processes} processes; lower --batch-size"
+        )
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
+    model = accelerator.prepare(quantizer) if optimizer is not None else quantizer
+    if optimizer is not None:
+        optimizer = accelerator.prepare(optimizer)
+
+    # Train, then wait until every process has finished its last step.
+    step = train(accelerator, model, quantizer, optimizer, train_source, run, cfg, start, total, per_epoch)
+    accelerator.wait_for_everyone()
+
+    # Final evaluation over the whole evaluation cache, then the quantizer and report.
+    stats = evaluate(accelerator, quantizer, eval_source, cfg)
+    report = {
+        "quantizer": quantizer.spec.to_json(),
+        "cache": cfg.cache,
+        "eval_cache": cfg.eval_cache or cfg.cache,
+        "steps": step,
+        "epochs": step / per_epoch,
+        "eval": stats,
+        "config": config_to_dict(cfg),
+    }
+    if accelerator.is_main_process:
+        save_quantizer(quantizer, run.path / "quantizer", stats=stats)
+        run.write_report(report)
+    accelerator.print(f"substitution done after {step} steps: {format_stats(stats)}")
+
+    # Tear the process group down explicitly: leaving it to interpreter exit can abort a process whose peer
+    # closed its connections first ("terminate called without an active exception").
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_config(SubstituteConfig))
