@@ -86,6 +86,7 @@ class AdaptConfig:
     disc_hidden: int = field(default=64, metadata={"help": "channels of each discriminator head"})
     lpips_weights: str | None = field(default=None, metadata={"help": "torchvision vgg16-397923af.pth (default: the torch hub cache)"})
     dino_weights: str | None = field(default=None, metadata={"help": "DINO ViT-S/16 weights (default: the Hugging Face cache)"})
+    skip_missing_losses: bool = field(default=False, metadata={"help": "leave out LPIPS or the GAN term when its weights file is missing, with a warning naming the file, instead of stopping"})
     random_loss_backbones: bool = field(default=False, metadata={"help": "smoke tests only: random LPIPS and DINO backbones, no weight files; the losses are meaningless"})
     hflip: bool = field(default=False, metadata={"help": "mirror half the samples, taking their latents from the cache's flipped view"})
     workers: int = field(default=2, metadata={"help": "image-decoding worker processes per process"})
@@ -115,6 +116,20 @@ def resolve_defaults(cfg: AdaptConfig) -> AdaptConfig:
     epochs = cfg.epochs if cfg.epochs is not None or cfg.steps is not None else ADAPT_EPOCHS
     return replace(cfg, lr=cfg.lr or 1e-5, batch_size=cfg.batch_size or 32, epochs=epochs,
                    lpips=cfg.lpips is not False, gan=cfg.gan is not False)
+
+
+def drop_losses_without_weights(cfg: AdaptConfig) -> tuple[AdaptConfig, dict[str, str]]:
+    """Switch off LPIPS / GAN terms whose weights file is missing; return the new config and why each was dropped."""
+    if not cfg.skip_missing_losses or cfg.random_loss_backbones:
+        return cfg, {}
+    left_out = {}
+    for term, flag, weights in (("lpips", "--lpips-weights", lpips_vgg_file(cfg.lpips_weights)),
+                                ("gan", "--dino-weights", dino_vits16_file(cfg.dino_weights))):
+        if getattr(cfg, term) and not weights.exists():
+            left_out[term] = f"{weights.name} not found at {weights.path}; {weights.hint}"
+            log.warning("%s term left out: %s", term.upper(), left_out[term])
+            cfg = replace(cfg, **{term: False})
+    return cfg, left_out
 
 
 def required_weights(cfg: AdaptConfig) -> list[WeightFile]:
@@ -293,6 +308,7 @@ def main(cfg: AdaptConfig) -> dict[str, Any]:
 
     # Resolve mode defaults and check every pretrained file before anything heavy loads.
     cfg = resolve_defaults(cfg)
+    cfg, left_out = drop_losses_without_weights(cfg)
     require_weights(*required_weights(cfg))
 
     # Processes, seeds, run directory.
@@ -363,7 +379,8 @@ def main(cfg: AdaptConfig) -> dict[str, Any]:
               "epochs": steps * cfg.batch_size * accelerator.num_processes / max(setup.samples_per_pass, 1),
               "seconds": round(elapsed, 2),
               "images_per_second": round((steps - start) * cfg.batch_size * accelerator.num_processes / max(elapsed, 1e-9), 2),
-              "final_metrics": last_metrics, "provenance": setup.provenance, "config": config_to_dict(cfg)}
+              "final_metrics": last_metrics, "left_out": left_out, "provenance": setup.provenance,
+              "config": config_to_dict(cfg)}
     skip_counts = gather_object([dict(skips.counts + setup.dropped)])  # one dict per process
     report["skipped"] = {k: sum(c.get(k, 0) for c in skip_counts) for c in skip_counts for k in c}
     if accelerator.is_main_process:

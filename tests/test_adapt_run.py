@@ -150,6 +150,17 @@ def test_missing_loss_weights_listed_together(demo_shards, tiny_tokenizer_path, 
                       lpips_weights=str(tmp_path / "no-vgg.pth"), dino_weights=str(tmp_path / "no-dino.safetensors")))
 
 
+def test_skip_missing_losses_records_why(demo_shards, tiny_tokenizer_path, latent_cache, tmp_path):
+    cfg = adapt_config(demo_shards, tiny_tokenizer_path, latent_cache, tmp_path / "run", steps=1, lpips=True,
+                       gan=True, skip_missing_losses=True, dino_weights=str(tmp_path / "no-dino.safetensors"))
+    report = main(cfg)
+    assert set(report["left_out"]) == {"lpips", "gan"}
+    assert "vgg16-397923af.pth" in report["left_out"]["lpips"]
+    assert "no-dino.safetensors" in report["left_out"]["gan"]
+    assert report["config"]["lpips"] is False
+    assert report["config"]["gan"] is False
+
+
 def test_adapt_with_lpips_and_gan(demo_shards, tiny_tokenizer_path, latent_cache, tmp_path):
     out = tmp_path / "run"
     report = main(adapt_config(demo_shards, tiny_tokenizer_path, latent_cache, out, steps=1, batch_size=2,

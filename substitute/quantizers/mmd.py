@@ -23,7 +23,10 @@ class MMDCodebook(Codebook):
         size: int,
         dim: int,
         *,
-        init: str = "normal",
+        # Codes start near the origin (U(−1/K, 1/K)) and the MMD term spreads them over the features. An N(0, 1)
+        # start leaves most codes far outside small-scale latents: on the demo tokenizer (latent std 0.16) it
+        # used 7% of 1,024 codes after 300 steps, against 97% after 150 steps from the uniform start.
+        init: str = "uniform",
         gamma: float = 0.5,
         block_size: int = 4096,
         estimator: str = "biased",
