@@ -37,7 +37,7 @@ from adapt.discriminator import DiscriminatorLossConfig, load_discriminator
 from adapt.losses import GeneratorObjective, LossWeights
 from adapt.perceptual import load_perceptual_loss
 from adapt.training import MetricWindow, Trainer, restore_training_state, training_state
-from common.config import config_to_dict, parse_config
+from common.config import config_to_dict, exit_on_input_error, parse_config
 from common.quantize import FixedScaleQuantizer
 from common.rundir import RunDir
 from common.tokenizer import PRESETS, build_tokenizer, load_tokenizer, save_tokenizer
@@ -395,4 +395,5 @@ def main(cfg: AdaptConfig) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main(parse_config(AdaptConfig, sys.argv[1:]))
+    with exit_on_input_error():
+        main(parse_config(AdaptConfig, sys.argv[1:]))

@@ -31,7 +31,7 @@ from cache.store import (
     DTYPES, Layout, create_store, cross_shard_duplicates, layout_of, mark_complete, open_store, pending_shards,
     plan_layout, provenance_differences, write_shard,
 )
-from common.config import config_to_dict, parse_config
+from common.config import config_to_dict, exit_on_input_error, parse_config
 from common.preprocess import transform_description
 from common.tokenizer import VQVAE, load_tokenizer
 from shards.index import ShardInfo, index_hash, resolve_shards
@@ -241,4 +241,5 @@ def main(cfg: BuildConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_config(BuildConfig))
+    with exit_on_input_error():
+        main(parse_config(BuildConfig))

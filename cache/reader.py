@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from cache.store import Layout, layout_of, open_store, shard_skips, written_marks
+from common.config import InputError
 
 
-class IncompleteCacheError(RuntimeError):
+class IncompleteCacheError(RuntimeError, InputError):
     """The store's build has not finished: some shards are not written or the complete mark is missing."""
 
 

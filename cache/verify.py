@@ -19,6 +19,7 @@ import numpy as np
 import zarr
 
 from cache.store import Layout, cross_shard_duplicates, layout_of, open_store, skip_totals, written_marks
+from common.config import exit_on_input_error
 from shards.index import index_hash, resolve_shards
 
 REQUIRED_PROVENANCE = ("tokenizer", "preprocessing", "image_size", "dtype", "shard_index_sha256")
@@ -250,4 +251,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_on_input_error():
+        sys.exit(main())

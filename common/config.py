@@ -7,16 +7,28 @@ config is what a run saves, so a run can be repeated from its `config.json` alon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterator, TypeVar
 
 import yaml
 
 T = TypeVar("T")
+
+
+
+class InputError(Exception):
+    """Base of project errors caused by bad input that are neither OSError nor ValueError."""
+
+
+# Errors that bad input (a wrong path, a corrupt file, a mismatched option) raises with a message naming what to fix.
+INPUT_ERRORS = (OSError, ValueError, InputError)
+TRACEBACK_ENV = "VQT_TRACEBACK"
 
 
 def _flag(name: str) -> str:
@@ -53,8 +65,13 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -
 
 
 def _read_config_file(path: str) -> dict:
+    if not Path(path).is_file():
+        raise SystemExit(f"--config {path}: no such file; give a YAML or JSON file of option values")
     text = Path(path).read_text()
-    data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise SystemExit(f"--config {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {error}") from None
     if not isinstance(data, dict):
         raise SystemExit(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
     return {k.replace("-", "_"): v for k, v in data.items()}
@@ -103,3 +120,19 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str |
 def config_to_dict(cfg: Any) -> dict:
     """Return a JSON-able dict of a config dataclass (paths as strings, tuples as lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+
+@contextlib.contextmanager
+def exit_on_input_error() -> Iterator[None]:
+    """Turn an input error escaping an entry point into a one-line `error: ...` and exit status 1.
+
+    The message of the error is what the user needs; a traceback through torch or zarr only hides it. Set
+    VQT_TRACEBACK=1 to get the traceback back when debugging.
+    """
+    try:
+        yield
+    except INPUT_ERRORS as error:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        raise SystemExit(f"error: {error} (set {TRACEBACK_ENV}=1 for the traceback)") from None

@@ -223,7 +223,7 @@ class MultiScaleQuantizer(nn.Module):
             h, idx, vectors = self._scale_step(rest, scale)
             z_q = z_q + h
             rest = rest - h.detach()
-            # MSE of the running sum against the (frozen) encoder latents, weighted per scale; the commitment
+            # MSE of the running sum against the (frozen) encoder latents, weighted per scale. The commitment
             # term moves the encoder toward the running sum when the encoder trains.
             vq_loss = vq_loss + weight * F.mse_loss(z_q, target)
             if self.beta:

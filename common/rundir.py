@@ -1,6 +1,6 @@
 """Run directories: resolved config, metrics as JSON lines, safetensors checkpoints, sample grids, report.json.
 
-A run started on a directory that already holds a run resumes from its last checkpoint; without a checkpoint it
+A run started on a directory that already contains a run resumes from its last checkpoint; without a checkpoint it
 raises unless `overwrite=True`. Only the main process should call the writing methods.
 """
 
@@ -29,12 +29,16 @@ class RunDir:
     def __init__(self, path: str | Path, *, overwrite: bool = False, create: bool = True):
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
-        existing = self.path.is_dir() and any(self.path.iterdir())
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"run directory {self.path} is a file; choose another --out")
+        # A folder holding only config.json is a run that failed before doing any work (bad input), so rerunning
+        # with the input fixed may reuse it.
+        existing = self.path.is_dir() and any(p.name != "config.json" for p in self.path.iterdir())
         self.resume = existing and self.has_checkpoint("last")
         if existing and not self.resume:
             if not overwrite:
                 raise RunExistsError(
-                    f"run directory {self.path} already holds files but no checkpoint to resume from; "
+                    f"run directory {self.path} already contains files but no checkpoint to resume from; "
                     "pass --overwrite to replace it or choose another --out"
                 )
             if create:

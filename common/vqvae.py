@@ -212,8 +212,8 @@ class VARQuantizer(MultiScaleQuantizer):
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__(Codebook(cfg.vocab_size, cfg.z_channels), cfg.patch_nums, cfg.num_phi, beta=cfg.beta)
-        # Per-scale moving average of code hits kept by VAR's training; it holds no weights, it only rides along
-        # so checkpoints round-trip.
+        # Per-scale moving average of code hits kept by VAR's training. It contains no weights and is kept only so
+        # checkpoints round-trip.
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(cfg.patch_nums), cfg.vocab_size))
 
 

@@ -1,4 +1,4 @@
-"""Where the pretrained weights a run needs are found, and one start-up check that names every missing file.
+"""Locations of the pretrained weights a run needs, and one start-up check that names every missing file.
 
 Nothing here downloads. Each file is taken from an explicit path (a flag or config entry) or from the standard
 cache directory the owning library would use, so a file placed there by hand, or by an earlier online run,

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from common.config import exit_on_input_error
 from evaluate.grid import compose_grid, grid_row, load_png, save_png
 
 # column -> (format of the value, whether higher is better); U is shown in percent
@@ -129,4 +130,5 @@ def _parse(argv: list[str] | None = None) -> CompareConfig:
 
 
 if __name__ == "__main__":
-    main(_parse())
+    with exit_on_input_error():
+        main(_parse())

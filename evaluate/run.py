@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
-from common.config import config_to_dict, parse_config
+from common.config import config_to_dict, exit_on_input_error, parse_config
 from common.preprocess import to_uint8, transform_description
 from common.rundir import RunDir
 from common.tokenizer import VQVAE, load_tokenizer
@@ -298,4 +298,5 @@ def _sum_counts(parts: list[dict[str, int]]) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    main(parse_config(EvalConfig))
+    with exit_on_input_error():
+        main(parse_config(EvalConfig))

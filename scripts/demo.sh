@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run the whole transplant end to end on the demo photographs (sets up .venv first).
 #
-# No pretrained tokenizer can be downloaded offline, so step 1 trains a small tokenizer of the VAR family from
-# scratch as a stand-in for the pre-trained one; steps 2-5 are the real job on it. Everything lands in
+# No pretrained tokenizer can be downloaded offline. Step 1 therefore trains a small tokenizer of the VAR family
+# from scratch as a stand-in for the pre-trained one, and steps 2-5 run the real job on it. Everything lands in
 # demo_runs/ (override with VQT_DEMO_DIR); rerunning starts over.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,15 +32,15 @@ python cache/build.py --shards "$train" --tokenizer "$tokenizer" --out "$out/lat
 python cache/build.py --shards "$eval" --tokenizer "$tokenizer" --out "$out/latents-eval.zarr" "${common[@]}"
 
 step "3/5 substitution: MMD-VQ (multi-scale) trained on the cached latents only"
-# The codebook and φ learning rates of the method's reference code (5e-3, 1e-3, constant) suit a run of a few
-# hundred steps; the paper's 1e-4 -> 1e-5 schedule (the default) is meant for epochs over ImageNet.
+# Constant learning rates of 5e-3 (codebook) and 1e-3 (φ) suit a run of a few hundred steps. The default
+# linear 1e-4 -> 1e-5 schedule is meant for epochs over ImageNet.
 python substitute/run.py --cache "$out/latents-train.zarr" --eval-cache "$out/latents-eval.zarr" \
     --quantizer mmd --layout multiscale --codebook-size 1024 --batch-size 8 --preload \
     --steps "${VQT_DEMO_SUBSTITUTE_STEPS:-300}" --codebook-lr 5e-3 --phi-lr 1e-3 --out "$out/substitute" "${common[@]}"
 
 step "4/5 adaptation: fine-tune the decoder on images + cached latents"
-# LPIPS and the GAN term need VGG-16 and DINO weights; where they are missing, the run leaves the term out and
-# says which file to put where.
+# LPIPS and the GAN term need VGG-16 and DINO weights. Where a file is missing, the run leaves that term out
+# and prints which file to put where.
 python adapt/run.py --shards "$train" --cache "$out/latents-train.zarr" --tokenizer "$tokenizer" \
     --quantizer "$out/substitute" --steps "${VQT_DEMO_ADAPT_STEPS:-200}" --batch-size 16 --lr 1e-4 \
     --skip-missing-losses --out "$out/adapt" "${common[@]}"

@@ -45,10 +45,15 @@ def count_samples(url: str) -> ShardInfo:
     """Count the samples of one tar shard from its member headers (no member data is decoded)."""
     keys: set[str] = set()
     fs, path = fsspec.core.url_to_fs(url)
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            if member.isfile():
-                keys.add(sample_key(member.name)[0])
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"shard {url}: not found or not a file; check the shard pattern or list")
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if member.isfile():
+                    keys.add(sample_key(member.name)[0])
+    except tarfile.TarError as error:
+        raise ValueError(f"shard {url} is not a readable tar file ({error}); rewrite it or drop it from the list") from None
     size = fs.size(path)
     return ShardInfo(url, len(keys), int(size))
 
@@ -71,9 +76,15 @@ def write_index(shards: list[ShardInfo], path: str, relative_to: str | None = No
 
 def load_index(url: str) -> list[ShardInfo]:
     """Read a shard-index JSON; relative shard URLs are resolved against the index's own location."""
-    with fsspec.open(url, "r") as f:
-        data = json.load(f)
-    if data.get("__kind__") != INDEX_KIND or "shardlist" not in data:
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"shard index {url}: not found or not a file; give an index JSON written by `python -m shards.index`")
+    with fs.open(path, "r") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"shard index {url} is not valid JSON ({error}); rebuild it with `python -m shards.index`") from None
+    if not isinstance(data, dict) or data.get("__kind__") != INDEX_KIND or "shardlist" not in data:
         raise ValueError(f"{url} is not a webdataset shard index: expected '__kind__': '{INDEX_KIND}' and a 'shardlist'")
     base = url.rsplit("/", 1)[0] if "/" in url else "."
     shards = []
@@ -120,4 +131,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common.config import exit_on_input_error
+
+    with exit_on_input_error():
+        main()

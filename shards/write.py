@@ -45,7 +45,7 @@ def write_shards(folder: str | Path, out_dir: str | Path, prefix: str = "shard",
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = sorted(out_dir.glob(f"{prefix}-*.tar"))
     if stale:
-        raise FileExistsError(f"{out_dir} already holds shards named {prefix}-*.tar ({stale[0].name}, ...); choose another folder or prefix")
+        raise FileExistsError(f"{out_dir} already contains shards named {prefix}-*.tar ({stale[0].name}, ...); choose another folder or prefix")
 
     keys: set[str] = set()
     with wds.ShardWriter(str(out_dir / f"{prefix}-%06d.tar"), maxcount=maxcount, verbose=0) as sink:
@@ -82,4 +82,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common.config import exit_on_input_error
+
+    with exit_on_input_error():
+        main()

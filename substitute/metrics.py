@@ -19,8 +19,11 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 def pooled_usage(quantizer: nn.Module, counts: torch.Tensor) -> torch.Tensor:
-    """Sum per-segment code counts (S, K) into per-codebook counts (num_codebooks, K)."""
-    pooled = counts.new_zeros(len(quantizer.codebooks()), counts.shape[1])
+    """Sum per-segment code counts (S, K) into per-codebook counts (num_codebooks, K).
+
+    The number of codebooks comes from the segments, so an outside quantizer without `codebooks()` counts as one.
+    """
+    pooled = counts.new_zeros(1 + max(s.codebook for s in quantizer.segments), counts.shape[1])
     for row, segment in enumerate(quantizer.segments):
         pooled[segment.codebook] += counts[row]
     return pooled

@@ -10,7 +10,6 @@ alignment term, and finishes with E and U over the evaluation cache, written to 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +26,18 @@ from common.checkpoint import flatten_state, unflatten_state
 from common.config import config_to_dict, parse_config
 from common.quantize import VAR_PATCH_NUMS, QuantizerOutput, usage_counts
 from common.rundir import RunDir
-from substitute.data import LatentSource, PreloadedLatents, eval_batches, steps_per_epoch, train_loader
+from substitute.data import LatentSource, PreloadedLatents, eval_batches, shard_sizes, steps_per_epoch, train_loader
 from substitute.metrics import batch_error, format_stats, quantization_stats, usage_summary
-from substitute.quantizers import CODEBOOKS, LAYOUTS, build_quantizer, save_quantizer
+from substitute.quantizers import (
+    CODEBOOKS,
+    LAYOUTS,
+    ExternalQuantizer,
+    build_external,
+    build_quantizer,
+    is_factory_spec,
+    save_quantizer,
+)
+from substitute.quantizers.base import FeatureQueue
 
 
 @dataclass
@@ -39,14 +47,19 @@ class SubstituteConfig:
     cache: str = field(metadata={"help": "latent cache (Zarr store written by cache/build.py) to train on"})
     out: str = field(metadata={"help": "run directory; an existing run with a checkpoint is resumed"})
     quantizer: str = field(
-        default="mmd", metadata={"help": f"codebook kind: {', '.join(sorted(CODEBOOKS))}", "choices": sorted(CODEBOOKS)}
+        default="mmd",
+        metadata={
+            "help": f"codebook kind ({', '.join(sorted(CODEBOOKS))}), or MODULE:FACTORY (or FILE.py:FACTORY) for an "
+            "outside quantizer built as FACTORY(codebook_size, dim, **quantizer_options); see substitute/README.md"
+        },
     )
     layout: str = field(
         default="multiscale", metadata={"help": f"quantizer layout: {', '.join(LAYOUTS)}", "choices": list(LAYOUTS)}
     )
     codebook_size: int = field(default=8192, metadata={"help": "codes per codebook (K)"})
     quantizer_options: tuple[str, ...] = field(
-        default=(), metadata={"help": "codebook options as KEY=VALUE (YAML values), e.g. gamma=0.3 decay=0.9"}
+        default=(),
+        metadata={"help": "codebook (or outside factory) options as KEY=VALUE (YAML values), e.g. gamma=0.3 decay=0.9"},
     )
     patch_nums: tuple[int, ...] = field(
         default=VAR_PATCH_NUMS, metadata={"help": "multi-scale side lengths; the last must equal the latent side"}
@@ -72,6 +85,10 @@ class SubstituteConfig:
     log_every: int = field(default=50, metadata={"help": "steps between metric lines in metrics.jsonl"})
     checkpoint_every: int = field(default=1000, metadata={"help": "steps between resumable checkpoints"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes reading the cache"})
+    shuffle_window: int = field(
+        default=4, metadata={"help": "shards whose rows are shuffled together before batching; each loader worker "
+                             "holds up to two such windows in memory"}
+    )
     preload: bool = field(
         default=False,
         metadata={"help": "read the whole training cache into memory first (float16, ~16 KiB per VAR latent)"},
@@ -94,6 +111,20 @@ def parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 def make_quantizer(cfg: SubstituteConfig, latent_shape: tuple[int, int, int]) -> nn.Module:
     """Build the quantizer for latents of shape (C, h, w), checking that the layout fits them."""
     channels, height, width = latent_shape
+    if is_factory_spec(cfg.quantizer):
+        # An outside quantizer: --layout, --patch-nums and --groups are its own business.
+        try:
+            return build_external(
+                cfg.quantizer, codebook_size=cfg.codebook_size, dim=channels, latent_shape=latent_shape,
+                **parse_options(cfg.quantizer_options),
+            )
+        except ValueError as error:
+            raise SystemExit(f"cannot build the quantizer --quantizer {cfg.quantizer}: {error}") from None
+    if cfg.quantizer not in CODEBOOKS:
+        raise SystemExit(
+            f"--quantizer {cfg.quantizer!r}: choose a codebook kind ({', '.join(sorted(CODEBOOKS))}) or give an "
+            "outside quantizer as MODULE:FACTORY"
+        )
     if height != width:
         raise SystemExit(
             f"latent cache {cfg.cache} contains {height}x{width} latents, but both layouts need a square grid"
@@ -113,7 +144,12 @@ def make_quantizer(cfg: SubstituteConfig, latent_shape: tuple[int, int, int]) ->
 
 
 def has_unused_parameters(quantizer: nn.Module) -> bool:
-    """Return whether some φ gets no gradient, which happens when fewer scales than φ's pick their nearest φ."""
+    """Return whether some φ gets no gradient, which happens when fewer scales than φ's pick their nearest φ.
+
+    An outside quantizer may leave any parameter unused, so DDP searches for unused ones there.
+    """
+    if isinstance(quantizer, ExternalQuantizer):
+        return True
     phis = getattr(quantizer, "quant_resi", None)
     if phis is None:
         return False
@@ -127,7 +163,10 @@ def fixed_learning_rates(cfg: SubstituteConfig) -> dict[str, float | None]:
 
 
 def make_optimizer(quantizer: nn.Module, cfg: SubstituteConfig) -> torch.optim.AdamW | None:
-    """Build AdamW with one group for the codebooks and one for the φ's, or return None when nothing trains."""
+    """Build AdamW with one group for the codebooks and one for the φ's, or return None when nothing trains.
+
+    For an outside quantizer the φ group contains every parameter outside its `codebooks()` (all of them without it).
+    """
     codebook_params = [p for cb in quantizer.codebooks() for p in cb.parameters() if p.requires_grad]
     codebook_ids = {id(p) for p in codebook_params}
     phi_params = [p for p in quantizer.parameters() if p.requires_grad and id(p) not in codebook_ids]
@@ -150,28 +189,83 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: SubstituteConfig, 
         group["lr"] = group["fixed_lr"] if group["fixed_lr"] is not None else scheduled
 
 
-def save_state(run: RunDir, quantizer: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
-    state = {"quantizer": quantizer.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None}
+def feature_queues(quantizer: nn.Module) -> list[tuple[FeatureQueue, int]]:
+    """Return the feature queue of every codebook that keeps one, with the codebook's vector dimension."""
+    return [(cb.queue, cb.dim) for cb in quantizer.codebooks() if isinstance(getattr(cb, "queue", None), FeatureQueue)]
+
+
+def resume_state(accelerator: Accelerator, quantizer: nn.Module) -> dict[str, Any]:
+    """Gather what an exact resume needs beyond the weights: every process's feature queues and the RNG state.
+
+    A collective, so every process must call it. Only the main process's RNG is kept, because the codebooks
+    broadcast its random draws to the other processes.
+    """
+    queues, positions = [], []
+    for queue, dim in feature_queues(quantizer):
+        data, where = queue.state(dim, accelerator.device)  # (capacity, d)
+        queues.append(accelerator.gather(data.unsqueeze(0).contiguous()).cpu())  # (P, capacity, d)
+        where = torch.tensor([[where["next"], where["filled"]]], device=accelerator.device)
+        positions.append(accelerator.gather(where).cpu())  # (P, 2)
+    rng = {"cpu": torch.get_rng_state()}
+    if accelerator.device.type == "cuda":
+        rng["device"] = torch.cuda.get_rng_state(accelerator.device)
+    return {"queues": queues, "queue_positions": positions, "rng": rng}
+
+
+def save_state(
+    run: RunDir, quantizer: nn.Module, optimizer: torch.optim.Optimizer | None, step: int, extra: dict[str, Any]
+) -> None:
+    state = {"quantizer": quantizer.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None, **extra}
     tensors, skeleton = flatten_state(state)
     run.save_checkpoint("last", tensors, {"step": step, "state": skeleton, "spec": quantizer.spec.to_json()})
 
 
+def restore_resume_state(accelerator: Accelerator, quantizer: nn.Module, state: dict[str, Any]) -> None:
+    """Put back this process's feature queues and the RNG state saved by `resume_state`."""
+    queues = feature_queues(quantizer)
+    saved = state.get("queues", [])
+    if len(saved) != len(queues) or any(s.shape[0] != accelerator.num_processes for s in saved):
+        # Another process count (or a checkpoint without queues): the queues refill within a few steps.
+        accelerator.print("note: the checkpoint's feature queues do not match this run's processes, so they start empty")
+    else:
+        rank = accelerator.process_index
+        for (queue, _), data, where in zip(queues, saved, state["queue_positions"]):
+            next_row, filled = where[rank].tolist()
+            queue.load_state(data[rank].to(accelerator.device), {"next": next_row, "filled": filled})
+    rng = state.get("rng", {})
+    if "cpu" in rng:
+        torch.set_rng_state(rng["cpu"])
+    if "device" in rng and accelerator.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["device"], accelerator.device)
+
+
+def describe_spec(spec: dict[str, Any]) -> str:
+    """Name a saved quantizer spec in one line, for error messages."""
+    if "factory" in spec:
+        return f"{spec['factory']}, K={spec['codebook_size']}, options {spec['options']}"
+    return f"{spec['kind']}, {spec['layout']}, K={spec['codebook_size']}"
+
+
 def load_state(
-    run: RunDir, quantizer: nn.Module, optimizer: torch.optim.Optimizer | None, cfg: SubstituteConfig
+    accelerator: Accelerator,
+    run: RunDir,
+    quantizer: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    cfg: SubstituteConfig,
 ) -> int:
-    """Restore quantizer and optimizer from the run's last checkpoint and return its step."""
+    """Restore quantizer, optimizer, feature queues and RNG from the run's last checkpoint and return its step."""
     loaded = run.load_checkpoint("last")
     if loaded is None:
         return 0
     tensors, meta = loaded
     if meta["spec"] != quantizer.spec.to_json():
         raise SystemExit(
-            f"{run.path} contains a checkpoint of a different quantizer ({meta['spec']['kind']}, "
-            f"{meta['spec']['layout']}, K={meta['spec']['codebook_size']}); choose another --out or rerun with "
-            "the same quantizer options"
+            f"{run.path} contains a checkpoint of a different quantizer ({describe_spec(meta['spec'])}); choose "
+            "another --out or rerun with the same quantizer options"
         )
     state = unflatten_state(tensors, meta["state"])
     quantizer.load_state_dict(state["quantizer"], strict=True)
+    restore_resume_state(accelerator, quantizer, state)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
         # load_state_dict restores the saved group options too, so apply this run's lr overrides again.
@@ -224,8 +318,8 @@ def train(
     while step < total:
         epoch, within = divmod(step, per_epoch)
         loader = train_loader(
-            source, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch, start=within,
-            rank=accelerator.process_index, world_size=accelerator.num_processes,
+            source, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch, start=within, steps=per_epoch,
+            rank=accelerator.process_index, world_size=accelerator.num_processes, window=cfg.shuffle_window,
             workers=0 if cfg.preload else cfg.workers,  # in-memory reads need no worker processes
         )
         for z in loader:
@@ -249,10 +343,17 @@ def train(
                 if accelerator.is_main_process:
                     run.log_metrics(step, metrics)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", E=f"{metrics['E_batch']:.4f}")
-            if (step % cfg.checkpoint_every == 0 or step == total) and accelerator.is_main_process:
-                save_state(run, quantizer, optimizer, step)
+            if step % cfg.checkpoint_every == 0 or step == total:
+                extra = resume_state(accelerator, quantizer)  # a collective, so every process gathers
+                if accelerator.is_main_process:
+                    save_state(run, quantizer, optimizer, step, extra)
             if step >= total:
                 break
+        if step < total and step % per_epoch != 0:
+            raise RuntimeError(
+                f"the loader of epoch {epoch} ended at step {step}, before the epoch's last step; the cache "
+                f"{cfg.cache} returned fewer rows than its shard counts promise"
+            )
     progress.close()
     return step
 
@@ -272,6 +373,8 @@ def evaluate(accelerator: Accelerator, quantizer: nn.Module, source: LatentSourc
 def main(cfg: SubstituteConfig) -> dict:
 
     # Latents come only from the caches, so the encoder never runs here.
+    if cfg.shuffle_window < 1:
+        raise SystemExit(f"--shuffle-window {cfg.shuffle_window}: give at least 1 shard")
     train_source = open_cache(cfg.cache)
     eval_source = open_cache(cfg.eval_cache) if cfg.eval_cache else train_source
     if cfg.preload:
@@ -298,14 +401,21 @@ def main(cfg: SubstituteConfig) -> dict:
 
     # Optimizer and the step to start from.
     optimizer = make_optimizer(quantizer, cfg)
-    start = load_state(run, quantizer, optimizer, cfg) if run.resume else 0
-    per_epoch = steps_per_epoch(len(train_source.keys), cfg.batch_size, accelerator.num_processes)
+    start = load_state(accelerator, run, quantizer, optimizer, cfg) if run.resume else 0
+    sizes = shard_sizes(train_source)
+    per_epoch = steps_per_epoch(sizes, cfg.batch_size, accelerator.num_processes)
     if per_epoch == 0:
         raise SystemExit(
-            f"latent cache {cfg.cache} has {len(train_source.keys)} samples, fewer than one global batch of "
-            f"{cfg.batch_size} x {accelerator.num_processes} processes; lower --batch-size"
+            f"latent cache {cfg.cache} has {len(train_source.keys)} samples in {sum(n > 0 for n in sizes)} shards, "
+            f"too few for one batch of {cfg.batch_size} on each of {accelerator.num_processes} processes (each "
+            "process reads whole shards); lower --batch-size or use fewer processes"
         )
     total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
+    if total > start and isinstance(quantizer, ExternalQuantizer) and not quantizer.trainable:
+        raise SystemExit(
+            f"--quantizer {cfg.quantizer} defines no forward(z) returning a loss, so it cannot be trained; give "
+            "--steps 0 to evaluate it as it is, or see 'Bring your own quantizer' in substitute/README.md"
+        )
     model = accelerator.prepare(quantizer) if optimizer is not None else quantizer
     if optimizer is not None:
         optimizer = accelerator.prepare(optimizer)

@@ -62,7 +62,8 @@ def test_rundir_resume_and_refuse(tmp_path):
     again = RunDir(tmp_path / "run")
     assert again.resume
     tensors, meta = again.load_checkpoint("last")
-    assert meta == {"step": 7} and torch.equal(tensors["w"], torch.arange(3.0))
+    assert meta == {"step": 7}
+    assert torch.equal(tensors["w"], torch.arange(3.0))
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["loss"] == 0.5
 
     (tmp_path / "other").mkdir()
@@ -94,5 +95,6 @@ def test_require_weights_lists_every_missing_file(tmp_path):
         require_weights(WeightFile("present", present, ""), lpips_vgg_file(), dino_vits16_file(tmp_path / "dino.safetensors"))
     message = str(err.value)
     assert "2 pretrained weight file(s) missing" in message
-    assert "vgg16-397923af.pth" in message and "dino.safetensors" in message
+    assert "vgg16-397923af.pth" in message
+    assert "dino.safetensors" in message
     require_weights(WeightFile("present", present, ""))

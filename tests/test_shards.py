@@ -68,7 +68,7 @@ def test_write_refuses_existing_shards(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.jpg").write_bytes(_jpeg(0))
     write_shards(tmp_path / "src", tmp_path / "out")
-    with pytest.raises(FileExistsError, match="already holds shards"):
+    with pytest.raises(FileExistsError, match="already contains shards"):
         write_shards(tmp_path / "src", tmp_path / "out")
 
 

@@ -187,7 +187,7 @@ def test_saved_spec_records_resolved_options(tmp_path):
     save_quantizer(quantizer, tmp_path / "q")
     spec = json.loads((tmp_path / "q.json").read_text())["spec"]
     assert spec["codebook_args"] == {
-        "init": "normal", "gamma": 0.3, "block_size": 4096, "estimator": "biased", "bandwidth": "mean"
+        "init": "uniform", "gamma": 0.3, "block_size": 4096, "estimator": "biased", "bandwidth": "mean"
     }
     assert spec["beta"] == 0.0
 

@@ -38,7 +38,7 @@ def mixture_latents(n=96, seed=0):
     return vectors.permute(0, 3, 1, 2).contiguous()  # (n, C, h, w)
 
 
-def write_cache(path, latents, shard_size=32):
+def write_cache(path, latents, shard_size=24):
     """Write latents (n, C, h, w) as a complete float32 latent cache of shards of `shard_size` samples."""
     sizes = [len(chunk) for chunk in latents.split(shard_size)]
     layout = plan_layout(sizes, LATENT_SHAPE, dtype="float32", chunk_rows=8)
@@ -98,9 +98,12 @@ def test_run_directory_contents(caches, tmp_path):
     assert float((z_q - z).square().mean()) == pytest.approx(report["eval"]["E"], rel=1e-5)
 
 
-def test_resume_matches_uninterrupted_run(caches, tmp_path):
-    # Constant learning rates, so the first part's schedule does not depend on its own step count.
-    constant = dict(codebook_lr=1e-2, phi_lr=1e-2, checkpoint_every=5)
+@pytest.mark.parametrize("kind", ["mmd", "wasserstein", "online"])
+def test_resume_matches_uninterrupted_run(caches, tmp_path, kind):
+    # Constant learning rates, so the first part's schedule does not depend on its own step count. Wasserstein and
+    # online keep a queue of recent features, and online draws replacement codes at random: both must resume.
+    constant = dict(codebook_lr=1e-2, phi_lr=1e-2, checkpoint_every=5, quantizer=kind,
+                    quantizer_options=("queue_size=200",) if kind != "mmd" else ())
     main(tiny_config(caches, tmp_path / "whole", steps=18, **constant))
     main(tiny_config(caches, tmp_path / "parts", steps=7, **constant))
     report = main(tiny_config(caches, tmp_path / "parts", steps=18, **constant))
@@ -128,8 +131,10 @@ def test_cli_choices_come_from_registry():
                                           "--quantizer-options", "usage_decay=0.9", "dead_threshold=0.05"])
     assert cfg.quantizer == "online"
     assert substitute_run.parse_options(cfg.quantizer_options) == {"usage_decay": 0.9, "dead_threshold": 0.05}
-    with pytest.raises(SystemExit):
-        parse_config(SubstituteConfig, ["--cache", "c", "--out", "o", "--quantizer", "kmeans"])
+    # an unknown name is neither a registered kind nor MODULE:FACTORY, so building it stops with both options named
+    cfg = parse_config(SubstituteConfig, ["--cache", "c", "--out", "o", "--quantizer", "kmeans"])
+    with pytest.raises(SystemExit, match="MODULE:FACTORY"):
+        substitute_run.make_quantizer(cfg, (8, 4, 4))
 
 
 def test_patch_nums_must_match_latent_side(caches, tmp_path):

@@ -55,7 +55,8 @@ def test_demo_preset_latent_shape(tiny_tokenizer):
     assert z.shape == (2, 32, 16, 16)
     z_q, idx = tiny_tokenizer.quantizer.quantize(z)
     assert z_q.shape == z.shape
-    assert idx.shape == (2, 680) and idx.dtype == torch.int64
+    assert idx.shape == (2, 680)
+    assert idx.dtype == torch.int64
     assert tiny_tokenizer.decode(z_q).abs().max() <= 1
 
 

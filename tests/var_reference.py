@@ -1,6 +1,6 @@
 """Seeded tokenizer weights and inputs shared by the reference-numerics test and the fixture that test reads.
 
-The fixture `data/var_reference_ch32.safetensors` holds outputs of the public VAR implementation
+The fixture `data/var_reference_ch32.safetensors` contains outputs of the public VAR implementation
 (FoundationVision/VAR, `models/vqvae.py`, `basic_vae.py`, `quant.py` at commit 78b9539) run on exactly these
 weights and images: a width-32 VAR tokenizer (ch_mult 1,1,2,2,4, 4096 codes, 32 latent channels, 4 shared φ's)
 on two 256×256 images. Only the numbers are stored; the weights are regenerated here from the seed and the key

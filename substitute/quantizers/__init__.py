@@ -15,6 +15,7 @@ from substitute.quantizers.build import (
     save_quantizer,
 )
 from substitute.quantizers.ema import EMACodebook
+from substitute.quantizers.external import ExternalQuantizer, ExternalSpec, build_external, is_factory_spec
 from substitute.quantizers.mmd import MMDCodebook
 from substitute.quantizers.online import OnlineCodebook
 from substitute.quantizers.vanilla import VanillaCodebook
@@ -24,13 +25,17 @@ __all__ = [
     "CODEBOOKS",
     "LAYOUTS",
     "EMACodebook",
+    "ExternalQuantizer",
+    "ExternalSpec",
     "MMDCodebook",
     "OnlineCodebook",
     "QuantizerSpec",
     "VanillaCodebook",
     "WassersteinCodebook",
+    "build_external",
     "build_from_spec",
     "build_quantizer",
+    "is_factory_spec",
     "load_quantizer",
     "save_quantizer",
 ]

@@ -45,6 +45,7 @@ class FeatureQueue:
 
     The queue is a plain attribute rather than a module buffer: it is not saved with the quantizer, it moves to
     the device of the first features pushed, and DistributedDataParallel does not broadcast it every step.
+    Training checkpoints save it through `state()` and `load_state()`, so a resumed run continues exactly.
     """
 
     def __init__(self, capacity: int):
@@ -71,6 +72,18 @@ class FeatureQueue:
         self._data[: n - first] = features[first:]
         self._next = (self._next + n) % self.capacity
         self._filled = min(self.capacity, self._filled + n)
+
+    def state(self, dim: int, device: torch.device | str) -> tuple[torch.Tensor, dict[str, int]]:
+        """Return the ring buffer (capacity, dim) float32 (zeros while empty) and its positions."""
+        data = self._data if self._data is not None else torch.zeros(self.capacity, dim, device=device)
+        return data, {"next": self._next, "filled": self._filled}
+
+    def load_state(self, data: torch.Tensor, positions: dict[str, int]) -> None:
+        """Restore what `state()` returned, on the device of `data`."""
+        if data.shape[0] != self.capacity:
+            raise ValueError(f"saved feature queue has {data.shape[0]} rows, but this queue has room for {self.capacity}")
+        self._data = data.float().clone() if positions["filled"] else None
+        self._next, self._filled = int(positions["next"]), int(positions["filled"])
 
     def contents(self) -> torch.Tensor:
         """Return the queued features (n, d), in no particular order."""

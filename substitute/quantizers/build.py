@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from common.fileio import atomic_save_safetensors, atomic_write_json
 from common.quantize import VAR_PATCH_NUMS, VAR_SCALE_WEIGHTS, FixedScaleQuantizer, MultiScaleQuantizer
 from substitute.quantizers.ema import EMACodebook
+from substitute.quantizers.external import ExternalQuantizer, ExternalSpec, build_external_from_spec
 from substitute.quantizers.mmd import MMDCodebook
 from substitute.quantizers.online import OnlineCodebook
 from substitute.quantizers.vanilla import VanillaCodebook
@@ -170,22 +171,30 @@ def _prefix_of(path: str | Path) -> Path:
 def save_quantizer(quantizer: nn.Module, path_prefix: str | Path, stats: dict[str, Any] | None = None) -> Path:
     """Write `<prefix>.safetensors` (weights and buffers) and `<prefix>.json` (spec and stats), each atomically.
 
-    Returns the .safetensors path. The quantizer must come from `build_quantizer` or `load_quantizer`.
+    Returns the .safetensors path. The quantizer must come from `build_quantizer`, `build_external` or
+    `load_quantizer`. For an outside quantizer the JSON contains its factory and arguments, and the weights are the
+    outside module's own state dict.
     """
     spec = getattr(quantizer, "spec", None)
-    if not isinstance(spec, QuantizerSpec):
-        raise ValueError("save_quantizer needs a quantizer made by build_quantizer or load_quantizer (no .spec found)")
+    if not isinstance(spec, (QuantizerSpec, ExternalSpec)):
+        raise ValueError(
+            "save_quantizer needs a quantizer made by build_quantizer, build_external or load_quantizer (no .spec found)"
+        )
     prefix = Path(path_prefix)
     document = {"format": FILE_FORMAT, "version": FILE_VERSION, "spec": spec.to_json(), "stats": stats or {}}
     weights = prefix.with_name(prefix.name + ".safetensors")
-    state = {k: v.detach().cpu() for k, v in quantizer.state_dict().items()}
+    module = quantizer.module if isinstance(quantizer, ExternalQuantizer) else quantizer
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     atomic_save_safetensors(weights, state, metadata={"format": FILE_FORMAT, "spec": json.dumps(document["spec"])})
     atomic_write_json(prefix.with_name(prefix.name + ".json"), document)
     return weights
 
 
 def load_quantizer(path: str | Path, map_location: str = "cpu") -> nn.Module:
-    """Load a quantizer saved by `save_quantizer` from a run directory, a path prefix, or either of its files."""
+    """Load a quantizer saved by `save_quantizer` from a run directory, a path prefix, or either of its files.
+
+    An outside quantizer comes back wrapped in `ExternalQuantizer`; its factory must be importable here too.
+    """
     prefix = _prefix_of(path)
     meta_path = prefix.with_name(prefix.name + ".json")
     weights_path = prefix.with_name(prefix.name + ".safetensors")
@@ -200,7 +209,13 @@ def load_quantizer(path: str | Path, map_location: str = "cpu") -> nn.Module:
         raise ValueError(
             f"{meta_path} is not a saved quantizer (format {document.get('format')!r}, expected {FILE_FORMAT!r})"
         )
-    quantizer = build_from_spec(QuantizerSpec.from_json(document["spec"]))
-    quantizer.load_state_dict(load_file(str(weights_path), device=map_location), strict=True)
+    state = load_file(str(weights_path), device=map_location)
+    if "factory" in document["spec"]:
+        # An outside quantizer: import its factory again and load the weights into the outside module.
+        quantizer = build_external_from_spec(ExternalSpec.from_json(document["spec"]))
+        quantizer.module.load_state_dict(state, strict=True)
+    else:
+        quantizer = build_from_spec(QuantizerSpec.from_json(document["spec"]))
+        quantizer.load_state_dict(state, strict=True)
     quantizer.saved_stats = document.get("stats", {})
     return quantizer
