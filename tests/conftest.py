@@ -21,6 +21,15 @@ def _empty_weight_caches(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
 
 
+@pytest.fixture
+def single_thread():
+    """Run on one thread: with tensors this small, waking a thread pool costs more than the work itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> dict[str, str]:
     """Train and eval shard sets cut from scikit-image's photographs: 26 train samples in 4 shards, 13 eval."""

@@ -9,13 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from substitute.losses import gaussian_w2, mmd_bandwidth, mmd_loss, wasserstein_loss
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run on one thread: with tensors this small, waking a thread pool costs more than the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def direct_mmd(features, codebook, estimator="biased", bandwidth=None):

@@ -17,13 +17,7 @@ DIM = 8
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run on one thread: with tensors this small, waking a thread pool costs more than the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_quantizer(kind, layout, **kwargs):
