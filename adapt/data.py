@@ -79,13 +79,25 @@ class LatentJoin:
         self.generator = torch.Generator().manual_seed(seed)
         self.dropped: Counter[str] = Counter()
 
-    def filter(self, samples: Iterator[dict]) -> Iterator[dict]:
-        """Yield only the samples whose key is in the cache."""
+    def filter(self, samples: Iterator[dict], max_misses: int | None = None) -> Iterator[dict]:
+        """Yield only the samples whose key is in the cache.
+
+        Raises ValueError after `max_misses` samples in a row are missing from the cache: over endless passes,
+        shards that share no key with the cache would otherwise loop forever without yielding.
+        """
+        misses = 0
         for sample in samples:
             if sample["key"] in self.cache:
+                misses = 0
                 yield sample
-            else:
-                self.dropped["not_in_cache"] += 1
+                continue
+            self.dropped["not_in_cache"] += 1
+            misses += 1
+            if max_misses is not None and misses >= max_misses:
+                raise ValueError(
+                    f"none of {misses} samples in a row (last key {sample['key']!r} from {sample.get('url', '?')}) "
+                    f"is in the latent cache {self.cache.path}; give --shards the shards the cache was built from"
+                )
 
     def attach(self, batch: dict) -> dict:
         """Add "latents" (B, C, h, w) float32 to a batch, flipping images and latents together when asked."""

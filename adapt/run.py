@@ -202,7 +202,7 @@ class Setup:
 
 
 def build_adaptation(cfg: AdaptConfig, accelerator: Accelerator, urls: list[str], skips: SkipLog,
-                     data_seed: int) -> Setup:
+                     data_seed: int, total_samples: int) -> Setup:
     """Load the frozen tokenizer and quantizer, and set up the trainable decoder stage and cache-joined batches."""
     from cache import open_cache
 
@@ -220,7 +220,10 @@ def build_adaptation(cfg: AdaptConfig, accelerator: Accelerator, urls: list[str]
         return x_hat, x_hat.new_zeros(()), {}
 
     join = LatentJoin(cache, cfg.hflip, data_seed + accelerator.process_index)
-    samples = join.filter(endless_samples(urls, tokenizer.image_size, cfg.workers, data_seed, skips))
+    # Two passes without one cached key (a pass may end and the next start on uncached shards) mean --shards and
+    # --cache do not belong together.
+    samples = join.filter(endless_samples(urls, tokenizer.image_size, cfg.workers, data_seed, skips),
+                          max_misses=2 * max(total_samples, 1))
     samples = shuffle_buffer(samples, cfg.shuffle_buffer, data_seed + accelerator.process_index)
     batches = (join.attach(b) for b in image_batches(samples, cfg.batch_size))
 
@@ -331,7 +334,7 @@ def main(cfg: AdaptConfig) -> dict[str, Any]:
     if cfg.from_scratch:
         setup = build_scratch(cfg, accelerator, urls, skips, data_seed, sum(s.nsamples for s in shard_infos))
     else:
-        setup = build_adaptation(cfg, accelerator, urls, skips, data_seed)
+        setup = build_adaptation(cfg, accelerator, urls, skips, data_seed, sum(s.nsamples for s in shard_infos))
     steps = total_steps(cfg, setup.samples_per_pass, accelerator.num_processes)
 
     # Losses and optimisers; accelerate wraps the trained modules for DDP and mixed precision.

@@ -29,7 +29,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from cache.encode import Encoder, ShardBatches, ShardBuffer
 from cache.store import (
     DTYPES, Layout, create_store, cross_shard_duplicates, layout_of, mark_complete, open_store, pending_shards,
-    plan_layout, provenance_differences, write_shard,
+    plan_layout, provenance_differences, remove_orphans, write_shard,
 )
 from common.config import config_to_dict, exit_on_input_error, parse_config
 from common.preprocess import transform_description
@@ -117,6 +117,11 @@ def create_or_resume(cfg: BuildConfig, shards: list[ShardInfo], layout: Layout, 
     # the shard-index hash covers file names and counts only, so moved shards resume from their new location
     if stored_urls != [s.url for s in shards]:
         group.attrs["shards"] = [{"url": s.url, "nsamples": s.nsamples} for s in shards]
+
+    # writers killed mid-write leave temporary files behind. No writer runs yet, so every such file is an orphan
+    orphans = remove_orphans(cfg.out)
+    if orphans:
+        log.info("removed %d temporary files left by an interrupted build (first: %s)", len(orphans), orphans[0])
     return group
 
 

@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Sequence
 
+import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.core.sync import sync
 
 FORMAT_NAME = "vq-transplant-latent-cache"
 FORMAT_VERSION = 1
@@ -41,6 +44,8 @@ CHANNEL_ORDER = (
     "(z_e), exactly as tokenizer.encode returns it, with no reordering or normalisation"
 )
 DATA_ARRAYS = ("keys", "shard", "counts", "written", "skips")
+# zarr's LocalStore writes `name` through a temporary `name` + "." + 32 hex digits + ".partial", then renames it
+ORPHAN_PATTERN = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
 def tool_version() -> str:
@@ -126,7 +131,7 @@ def create_store(
         "provenance": provenance,
         "tool_version": tool_version(),
     }
-    group = zarr.open_group(path, mode="w-", attributes=attrs)
+    group = zarr.open_group(path, mode="w-", attributes=attrs, storage_options=storage_options(path))
     n, slot = layout.n_rows, layout.slot
 
     # one sharding-codec object per WebDataset shard, and a NaN fill that marks rows never written
@@ -150,10 +155,36 @@ def create_store(
     return group
 
 
+def storage_options(path: str) -> dict[str, Any] | None:
+    """Return the fsspec options zarr needs for ``path``: None for a plain path, which zarr opens as a LocalStore.
+
+    On ``file://`` zarr uses an FsspecStore, which fails to write an object whose folder does not exist yet unless
+    ``auto_mkdir`` is set. zarr raises when storage options come with a plain path, so those get None.
+    """
+    protocol = fsspec.core.split_protocol(str(path))[0]
+    return {"auto_mkdir": True} if protocol in ("file", "local") else None
+
+
+def remove_orphans(path: str) -> list[str]:
+    """Delete the temporary files that writers killed mid-write left inside the store. Returns the deleted paths.
+
+    Readers ignore these files, but each can be as large as a storage object and a killed build can leave many.
+    Only names of the form ``<object>.<32 hex digits>.partial`` below ``path`` are touched. Call this from the main
+    process while no writer runs, because a live writer's temporary file has the same form.
+    """
+    fs, root = fsspec.core.url_to_fs(str(path))
+    if not fs.isdir(root):
+        return []
+    orphans = [name for name in fs.find(root) if ORPHAN_PATTERN.search(name)]
+    for name in orphans:
+        fs.rm_file(name)
+    return orphans
+
+
 def open_store(path: str, mode: str = "r") -> zarr.Group:
     """Open a latent cache group, raising a clear error when the path is not one (or its creation was cut short)."""
     try:
-        group = zarr.open_group(path, mode=mode)
+        group = zarr.open_group(path, mode=mode, storage_options=storage_options(path))
     except FileNotFoundError as err:
         raise FileNotFoundError(f"no latent cache at {path}: build one with cache/build.py --out {path}") from err
     fmt = group.attrs.get("format", {})
@@ -221,12 +252,17 @@ def write_shard(
     rows = layout.rows(shard)
     n = len(keys)
     _check_shard_input(layout, shard, keys, views)
+    padded = {view: np.full((layout.slot, *layout.latent_shape), np.nan, dtype=layout.dtype) for view in layout.views}
+    for view in layout.views:
+        padded[view][:n] = _cast_finite(views[view], layout.dtype, shard, view)
+
+    # zarr decodes an existing shard object even when a write covers all of it, and on stores that write in place
+    # (fsspec) a killed writer can leave that object truncated, so the old objects go first
+    _delete_shard_objects(group, shard)
 
     # latents first, one whole-slot write per view: a single writer per storage object
     for view in layout.views:
-        padded = np.full((layout.slot, *layout.latent_shape), np.nan, dtype=layout.dtype)
-        padded[:n] = _cast_finite(views[view], layout.dtype, shard, view)
-        group[view][rows] = padded
+        group[view][rows] = padded[view]
 
     # row metadata and per-shard records, each in objects that only this shard uses
     key_column = np.full(layout.slot, "", dtype=object)
@@ -239,8 +275,18 @@ def write_shard(
     group["skips"][shard] = json.dumps(skips or {"counts": {}, "examples": []})
 
     # NOTE: zarr 3.1.6 LocalStore writes each object to a temporary file and renames it, so a killed writer leaves whole
-    # objects. It does not fsync, so a power loss right after the mark could still lose data.
+    # objects (plus an orphan temporary file, see remove_orphans). FsspecStore writes in place and can leave a
+    # truncated object, which the mark set last keeps out of reads. Neither fsyncs, so a power loss right after the
+    # mark could still lose data.
     group["written"][shard] = 1
+
+
+def _delete_shard_objects(group: zarr.Group, shard: int) -> None:
+    """Delete the storage objects that hold only this shard's rows (its written mark stays)."""
+    for name in (*layout_of(group).views, "keys", "shard", "counts", "skips"):
+        array = group[name]
+        chunk_key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+        sync(group.store.delete(f"{array.path}/{chunk_key}"))
 
 
 def _check_shard_input(layout: Layout, shard: int, keys: Sequence[str], views: dict[str, np.ndarray]) -> None:

@@ -13,8 +13,10 @@ import io
 import logging
 import re
 from collections import Counter
+from functools import partial
 from collections.abc import Iterable, Iterator
 
+import fsspec
 import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
@@ -63,20 +65,47 @@ def _raw_samples(urls: list[str], split_workers: bool) -> Iterator[dict]:
     pending: list[dict] = []
     failed_urls: set[str | None] = set()
 
+    current: dict[str, str | None] = {"url": None}  # the shard being read, for errors that do not name it
+
     def on_error(exn: Exception) -> bool:
         # webdataset reports one broken tar at more than one stage; one record per shard is enough.
-        url = _url_of(exn)
+        url = _url_of(exn) or current["url"]
         if url not in failed_urls:
             failed_urls.add(url)
             pending.append({"skip": "unreadable_tar", "key": None, "url": url, "error": repr(exn)[:200]})
         return True
 
-    stages.append(wds.tarfile_to_samples(handler=on_error))
+    stages.append(partial(_open_shards, handler=on_error, current=current))
+    stages.append(partial(wds.tariterators.tar_file_expander, handler=on_error))
+    stages.append(partial(wds.tariterators.group_by_keys, handler=on_error))
     for sample in wds.DataPipeline(*stages):
         while pending:
             yield pending.pop(0)
         yield sample
     yield from pending
+
+
+def _open_shards(sources: Iterable[dict], handler, current: dict) -> Iterator[dict]:
+    """Open each shard URL with fsspec, so local paths, file://, s3://, memory:// and other schemes all work.
+
+    webdataset's own opener only knows plain paths, file:, pipe: and http(s).
+    """
+    for source in sources:
+        url = source["url"]
+        current["url"] = url
+        try:
+            fs, path = fsspec.core.url_to_fs(url)
+            stream = fs.open(path, "rb")
+        except OSError as exn:
+            exn.args = exn.args + (url,)
+            if handler(exn):
+                continue
+            break
+        try:
+            yield {**source, "stream": stream}
+        finally:
+            # The tar reader has moved on to the next shard (or stopped) when control returns here.
+            stream.close()
 
 
 def _url_of(exn: Exception) -> str | None:

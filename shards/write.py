@@ -37,6 +37,10 @@ def list_images(folder: Path) -> list[tuple[Path, str | None]]:
 def write_shards(folder: str | Path, out_dir: str | Path, prefix: str = "shard", maxcount: int = 1000) -> list[ShardInfo]:
     """Write `folder`'s images to `out_dir/prefix-000000.tar`, ... and `out_dir/prefix.json`; return the index."""
     folder, out_dir = Path(folder), Path(out_dir)
+    if maxcount < 1:
+        raise ValueError(f"--maxcount {maxcount}: give at least 1 sample per shard")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder; give the folder of images to write as shards")
     items = list_images(folder)
     if not items:
         raise FileNotFoundError(f"no images ({', '.join(SUFFIX_TO_FIELD)}) found under {folder}")

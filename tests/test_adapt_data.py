@@ -70,3 +70,15 @@ def test_latent_join_flips_images_with_latents():
 def test_latent_join_hflip_needs_flipped_view():
     with pytest.raises(ValueError, match="latents_hflip"):
         LatentJoin(FakeCache(["0"]), hflip=True, seed=0)
+
+
+def test_latent_join_raises_when_no_key_is_cached():
+    """Shards that share no key with the cache must fail, not loop forever over endless passes."""
+    join = LatentJoin(FakeCache(["90", "91"]), hflip=False, seed=0)
+    endless = (s for _ in iter(int, 1) for s in samples(5))
+    with pytest.raises(ValueError, match="give --shards the shards the cache was built from"):
+        next(join.filter(endless, max_misses=10))
+    assert join.dropped["not_in_cache"] == 10
+    join = LatentJoin(FakeCache(["4"]), hflip=False, seed=0)
+    kept = join.filter((s for _ in range(3) for s in samples(5)), max_misses=5)
+    assert [s["key"] for s in kept] == ["4", "4", "4"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from common.checkpoint import flatten_state, unflatten_state
-from common.config import config_to_dict, parse_config
+from common.config import TRACEBACK_ENV, config_to_dict, exit_on_input_error, parse_config
 from common.rundir import RunDir, RunExistsError
 from common.weights import MissingWeightsError, WeightFile, dino_vits16_file, lpips_vgg_file, require_weights
 
@@ -98,3 +98,35 @@ def test_require_weights_lists_every_missing_file(tmp_path):
     assert "vgg16-397923af.pth" in message
     assert "dino.safetensors" in message
     require_weights(WeightFile("present", present, ""))
+
+
+def test_rundir_reuses_a_folder_left_with_only_its_config(tmp_path):
+    """A run that failed on bad input before its first checkpoint leaves config.json; a fixed rerun may reuse it."""
+    RunDir(tmp_path / "run").save_config({"lr": 1.0})
+    again = RunDir(tmp_path / "run")
+    assert not again.resume
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="choose another --out"):
+        RunDir(tmp_path / "file")
+
+
+def test_config_file_errors_name_the_flag(tmp_path):
+    with pytest.raises(SystemExit, match="--config .*nope.yaml: no such file"):
+        parse_config(ToyConfig, ["--out", "r", "--config", str(tmp_path / "nope.yaml")])
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SystemExit, match="bad.json: not valid JSON"):
+        parse_config(ToyConfig, ["--out", "r", "--config", str(tmp_path / "bad.json")])
+
+
+def test_exit_on_input_error_prints_one_line(monkeypatch):
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    with pytest.raises(SystemExit, match=r"^error: shard x.tar: not found \(set VQT_TRACEBACK=1"):
+        with exit_on_input_error():
+            raise FileNotFoundError("shard x.tar: not found")
+    with pytest.raises(KeyError):
+        with exit_on_input_error():
+            raise KeyError("a bug keeps its traceback")
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(ValueError):
+        with exit_on_input_error():
+            raise ValueError("debugging keeps the traceback")

@@ -13,7 +13,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from common.preprocess import to_uint8, transform_description, var_transform
-from shards.index import INDEX_KIND, ShardInfo, expand_urls, index_hash, load_index, resolve_shards
+from shards.index import INDEX_KIND, ShardInfo, build_index, expand_urls, index_hash, load_index, resolve_shards
 from shards.read import BadSampleError, SkipLog, iter_samples, shards_for_rank
 from shards.write import write_shards
 
@@ -146,3 +146,47 @@ def test_demo_shards_are_real_photographs(demo_shards):
     assert len({s["cls"] for s in samples}) == 13
     # Real photographs are not flat: every crop has visible contrast.
     assert all(s["image"].std() > 0.02 for s in samples)
+
+
+def test_bad_index_and_shard_files_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="shard index .*nope.json: not found"):
+        resolve_shards(str(tmp_path / "nope.json"))
+    (tmp_path / "bad.json").write_text("[1,")
+    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
+        load_index(str(tmp_path / "bad.json"))
+    (tmp_path / "list.json").write_text("[1]")
+    with pytest.raises(ValueError, match="not a webdataset shard index"):
+        load_index(str(tmp_path / "list.json"))
+    (tmp_path / "a.tar").write_text("not a tar")
+    with pytest.raises(ValueError, match="a.tar is not a readable tar file"):
+        build_index([str(tmp_path / "a.tar")])
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        build_index([str(tmp_path)])
+
+
+def test_write_rejects_bad_maxcount_and_missing_folder(tmp_path):
+    with pytest.raises(ValueError, match="--maxcount 0"):
+        write_shards(tmp_path, tmp_path / "out", maxcount=0)
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        write_shards(tmp_path / "nope", tmp_path / "out")
+
+
+def test_shards_read_through_fsspec_urls(tmp_path):
+    import fsspec
+
+    data = open(_tar(tmp_path / "local.tar", [("a.jpg", _jpeg(0)), ("a.cls", b"2"), ("b.jpg", _jpeg(1))]), "rb").read()
+    with fsspec.open("memory://shards/remote-0000.tar", "wb") as f:
+        f.write(data)
+    urls = ["memory://shards/remote-0000.tar", f"file://{tmp_path / 'local.tar'}"]
+    samples = list(iter_samples(urls, 32))
+    assert [s["key"] for s in samples] == ["a", "b", "a", "b"]
+    assert samples[0]["url"] == "memory://shards/remote-0000.tar"
+    assert samples[0]["cls"] == 2
+    [info] = resolve_shards("memory://shards/remote-{0000..0000}.tar")
+    assert info.nsamples == 2
+
+
+def test_missing_shard_url_is_counted(tmp_path):
+    skips = SkipLog()
+    assert list(iter_samples([str(tmp_path / "gone.tar")], 32, skips)) == []
+    assert skips.counts["unreadable_tar"] == 1
