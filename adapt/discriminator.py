@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from adapt.augment import DEFAULT, STRONG, diff_augment
+from common.tokenizer import CheckpointError, check_checkpoint_file
 from common.weights import dino_vits16_file, require_weights
 
 DINO_MODEL = "vit_small_patch16_224.dino"
@@ -56,8 +57,15 @@ class DinoDiscriminator(nn.Module):
             raise ValueError("DinoDiscriminator needs weights_file (DINO ViT-S/16 weights) "
                              "unless random_backbone=True")
         overlay = None if random_backbone else dict(file=str(weights_file))
-        self.backbone = timm.create_model(DINO_MODEL, pretrained=not random_backbone, num_classes=0,
-                                          pretrained_cfg_overlay=overlay)
+        if not random_backbone:
+            check_checkpoint_file(weights_file)
+        try:
+            self.backbone = timm.create_model(DINO_MODEL, pretrained=not random_backbone, num_classes=0,
+                                              pretrained_cfg_overlay=overlay)
+        # NOTE: broad on purpose: timm and torch's unpickler report a corrupt file with assorted exception types.
+        except Exception as err:
+            raise CheckpointError(f"DINO ViT-S/16 weights {weights_file} could not be loaded (corrupt or not "
+                                  f"{DINO_MODEL}?): {str(err).splitlines()[0]}; fix --dino-weights") from None
         self.backbone.requires_grad_(False)
         self.crop_probability = crop_probability
         dim = self.backbone.embed_dim

@@ -16,6 +16,7 @@ import lpips
 import torch
 from torch import nn
 
+from common.tokenizer import read_state_dict
 from common.weights import lpips_vgg_file, require_weights
 
 # torchvision's `features.<i>` index ranges that lpips 0.1.4 puts into `slice1` .. `slice5` of its vgg16 trunk.
@@ -53,7 +54,7 @@ class PerceptualLoss(nn.Module):
         self.eval()
 
     def _load_vgg(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_state_dict(path)
         trunk = vgg_features_to_lpips_keys(state)
         missing, unexpected = self.net.net.load_state_dict(trunk, strict=False)
         if missing or unexpected:

@@ -36,7 +36,7 @@ from adapt.data import LatentJoin, endless_samples, image_batches, shuffle_buffe
 from adapt.discriminator import DiscriminatorLossConfig, load_discriminator
 from adapt.losses import GeneratorObjective, LossWeights
 from adapt.perceptual import load_perceptual_loss
-from adapt.training import MetricWindow, Trainer, restore_training_state, training_state
+from adapt.training import MetricWindow, Trainer, read_training_state, restore_training_state, training_state
 from common.config import config_to_dict, exit_on_input_error, parse_config
 from common.quantize import FixedScaleQuantizer
 from common.rundir import RunDir
@@ -170,9 +170,10 @@ def load_frozen_quantizer(cfg: AdaptConfig, tokenizer: nn.Module) -> nn.Module:
     if cfg.quantizer == "native":
         quantizer = tokenizer.quantizer
     else:
-        from substitute.quantizers import load_quantizer
+        from substitute.quantizers import check_quantizer_tokenizer, load_quantizer
 
         quantizer = load_quantizer(cfg.quantizer)
+        check_quantizer_tokenizer(quantizer, tokenizer.sha256, f"--quantizer {cfg.quantizer}")
     quantizer = quantizer.eval().requires_grad_(False)
     try:
         quantizer.quantize(torch.zeros(1, *tokenizer.latent_shape))
@@ -318,12 +319,15 @@ def main(cfg: AdaptConfig) -> dict[str, Any]:
     accelerator = Accelerator()
     set_seed(cfg.seed + accelerator.process_index)
     run = open_run(cfg, accelerator)
-    if accelerator.is_main_process:
-        run.save_config(cfg)
 
     # A resumed run reads its checkpoint first, so its data stream gets a seed of its own and does not replay
-    # the first samples of the interrupted run.
+    # the first samples of the interrupted run. The check comes before save_config so that pointing --out at
+    # another stage's run does not replace that run's config.json.
     checkpoint = run.load_checkpoint("last") if run.resume else None
+    if checkpoint is not None:
+        read_training_state(*checkpoint)
+    if accelerator.is_main_process:
+        run.save_config(cfg)
     start = int(checkpoint[1]["step"]) if checkpoint is not None else 0
     data_seed = cfg.seed + 1_000_003 * start
 

@@ -110,9 +110,18 @@ def training_state(trainer: Trainer, step: int) -> tuple[dict[str, torch.Tensor]
     return tensors, {"step": step, "state": skeleton}
 
 
+def read_training_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild the nested state of a checkpoint written by `training_state`, or raise if another stage wrote it."""
+    state = unflatten_state(tensors, meta["state"]) if "state" in meta else {}
+    if not isinstance(state, dict) or "model" not in state or "optimizer" not in state:
+        raise ValueError("--out contains a checkpoint that adapt/run.py did not write (no model and optimizer "
+                         "state), probably another stage's run; give the adaptation its own --out")
+    return state
+
+
 def restore_training_state(trainer: Trainer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> int:
     """Load a checkpoint written by `training_state` into the trainer; return the step to continue from."""
-    state = unflatten_state(tensors, meta["state"])
+    state = read_training_state(tensors, meta)
     unwrap = trainer.accelerator.unwrap_model
     unwrap(trainer.model).load_state_dict(state["model"], strict=True)
     trainer.optimizer.load_state_dict(state["optimizer"])

@@ -199,6 +199,11 @@ def print_summary(cfg: BuildConfig, group: zarr.Group, encoded: int, seconds: fl
 
 
 def main(cfg: BuildConfig) -> None:
+    # a batch size below 1 would never fill a batch and encode each whole shard in one call
+    if cfg.batch_size < 1 or cfg.workers < 0:
+        raise ValueError(f"--batch-size {cfg.batch_size} / --workers {cfg.workers}: give a batch size of at least 1 "
+                         "and a worker count of at least 0")
+
     # one process per device, and only the main process creates the store and changes its attributes
     accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -16,6 +16,13 @@ class IncompleteCacheError(RuntimeError, InputError):
     """The store's build has not finished: some shards are not written or the complete mark is missing."""
 
 
+class MissingKeyError(KeyError, InputError):
+    """A sample key is not in the cache, typically because the shards given are not those the cache was built from."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class TokenizerMismatchError(ValueError):
     """The store was built with a different tokenizer checkpoint than the one given."""
 
@@ -80,7 +87,8 @@ class LatentCache:
         try:
             return self._rows_by_key[key]
         except KeyError:
-            raise KeyError(f"sample key {key!r} is not in the latent cache {self.path}") from None
+            raise MissingKeyError(f"sample key {key!r} is not in the latent cache {self.path}; give the shards the "
+                                  "cache was built from, or build a cache of these shards") from None
 
     # reads
 

@@ -131,7 +131,11 @@ def create_store(
         "provenance": provenance,
         "tool_version": tool_version(),
     }
-    group = zarr.open_group(path, mode="w-", attributes=attrs, storage_options=storage_options(path))
+    try:
+        group = zarr.open_group(path, mode="w-", attributes=attrs, storage_options=storage_options(path))
+    except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError) as err:
+        raise FileExistsError(f"--out {path} already contains other files and is not a latent cache; give a new "
+                              "--out path or delete it") from err
     n, slot = layout.n_rows, layout.slot
 
     # one sharding-codec object per WebDataset shard, and a NaN fill that marks rows never written
@@ -187,6 +191,8 @@ def open_store(path: str, mode: str = "r") -> zarr.Group:
         group = zarr.open_group(path, mode=mode, storage_options=storage_options(path))
     except FileNotFoundError as err:
         raise FileNotFoundError(f"no latent cache at {path}: build one with cache/build.py --out {path}") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"latent cache {path} has a corrupt zarr.json ({err}); delete {path} and rebuild it") from err
     fmt = group.attrs.get("format", {})
     if fmt.get("name") != FORMAT_NAME:
         raise ValueError(f"{path} is a Zarr group but not a vq-transplant latent cache (attrs['format'] = {fmt!r})")

@@ -66,7 +66,7 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -
 
 def _read_config_file(path: str) -> dict:
     if not Path(path).is_file():
-        raise SystemExit(f"--config {path}: no such file; give a YAML or JSON file of option values")
+        raise SystemExit(f"--config {path}: file not found; give a YAML or JSON file of option values")
     text = Path(path).read_text()
     try:
         data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)

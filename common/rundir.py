@@ -31,7 +31,7 @@ class RunDir:
         self.checkpoints = self.path / "checkpoints"
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(f"run directory {self.path} is a file; choose another --out")
-        # A folder holding only config.json is a run that failed before doing any work (bad input), so rerunning
+        # A folder containing only config.json is a run that failed on bad input before doing any work, so rerunning
         # with the input fixed may reuse it.
         existing = self.path.is_dir() and any(p.name != "config.json" for p in self.path.iterdir())
         self.resume = existing and self.has_checkpoint("last")

@@ -57,12 +57,18 @@ def _read_pth(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch 2.14 names a blocked class "Unsupported global"; other unpickling errors mean bytes that are no pickle
+        if "Unsupported global" not in str(err):
+            raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint (truncated or corrupt "
+                                  f"download?): {str(err).splitlines()[0]}") from None
         raise CheckpointError(
             f"{path} was refused: loading it with weights_only=True failed because it contains objects other "
             f"than tensors (a pickle that could run code). Only plain state dicts are accepted. Detail: "
             f"{str(err).splitlines()[0]}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+    # torch's unpickler reports random bytes with assorted errors (AssertionError, KeyError, ...) in torch 2.14
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, AssertionError, LookupError, TypeError,
+            ValueError) as err:
         raise CheckpointError(
             f"{path} could not be read as a PyTorch checkpoint (truncated or corrupt download?): "
             f"{str(err).splitlines()[0]}"
@@ -74,6 +80,18 @@ def _read_pth(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors (found {type(obj).__name__})")
     return obj
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Raise CheckpointError naming `path` when it is a Git LFS pointer or an HTML page instead of weights."""
+    _check_file_kind(Path(path))
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a foreign .pth state dict with weights_only=True; any unreadable file raises CheckpointError naming it."""
+    path = Path(path)
+    _check_file_kind(path)
+    return _read_pth(path)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -38,8 +38,11 @@ def load_report(run: str | Path) -> dict[str, Any]:
     report_path = path if path.is_file() else path / "report.json"
     if not report_path.is_file():
         raise FileNotFoundError(f"{report_path} not found; give a run directory written by evaluate/run.py")
-    report = json.loads(report_path.read_text())
-    if "metrics" not in report or "label" not in report:
+    try:
+        report = json.loads(report_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{report_path} is not valid JSON ({error}); rerun evaluate/run.py for that run") from None
+    if not isinstance(report, dict) or "metrics" not in report or "label" not in report:
         raise ValueError(f"{report_path} is not an evaluation report: it has no 'metrics' or 'label'")
     report["_dir"] = str(report_path.parent)
     return report
@@ -102,6 +105,9 @@ class CompareConfig:
 def main(cfg: CompareConfig) -> str:
     # read every report first, so a bad run directory fails before anything is written
     reports = [load_report(run) for run in cfg.runs]
+    for flag, path in (("--grid", cfg.grid), ("--out", cfg.out)):
+        if path and Path(path).is_dir():
+            raise IsADirectoryError(f"{flag} {path} is a folder; give a file path inside it")
 
     # the table, printed and optionally saved
     table = format_table(reports)

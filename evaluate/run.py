@@ -106,9 +106,10 @@ def load_models(cfg: EvalConfig, device: torch.device) -> tuple[VQVAE, torch.nn.
     if cfg.quantizer == "native":
         quantizer = tokenizer.quantizer
     else:
-        from substitute.quantizers import load_quantizer
+        from substitute.quantizers import check_quantizer_tokenizer, load_quantizer
 
         quantizer = load_quantizer(cfg.quantizer)
+        check_quantizer_tokenizer(quantizer, tokenizer.sha256, f"--quantizer {cfg.quantizer}")
     provenance["quantizer"] = {"source": cfg.quantizer, "class": type(quantizer).__name__,
                                "codebook_size": quantizer.codebook_size,
                                "segments": [s.name for s in quantizer.segments]}
@@ -230,6 +231,10 @@ def main(cfg: EvalConfig) -> dict[str, Any] | None:
     accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    # an evaluation has no checkpoint, so a folder with one is another stage's run that would lose its config
+    if RunDir(cfg.out, overwrite=cfg.overwrite, create=False).resume:
+        raise FileExistsError(f"--out {cfg.out} contains a training run (checkpoints/last.safetensors); "
+                              "give the evaluation its own --out")
     run = RunDir(cfg.out, overwrite=cfg.overwrite) if accelerator.is_main_process else None
     if run is not None:
         run.save_config(cfg)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from cache import open_cache
 from common.checkpoint import flatten_state, unflatten_state
-from common.config import config_to_dict, parse_config
+from common.config import config_to_dict, exit_on_input_error, parse_config
 from common.quantize import VAR_PATCH_NUMS, QuantizerOutput, usage_counts
 from common.rundir import RunDir
 from substitute.data import LatentSource, PreloadedLatents, eval_batches, shard_sizes, steps_per_epoch, train_loader
@@ -246,6 +246,15 @@ def describe_spec(spec: dict[str, Any]) -> str:
     return f"{spec['kind']}, {spec['layout']}, K={spec['codebook_size']}"
 
 
+def check_resumable(run: RunDir) -> None:
+    """Raise before anything is written if the run directory's checkpoint is not a substitution checkpoint."""
+    loaded = run.load_checkpoint("last") if run.resume else None
+    if loaded is not None and "spec" not in loaded[1]:
+        raise ValueError(
+            f"--out {run.path} contains a checkpoint of another stage (not a substitution run); choose another --out"
+        )
+
+
 def load_state(
     accelerator: Accelerator,
     run: RunDir,
@@ -376,7 +385,8 @@ def main(cfg: SubstituteConfig) -> dict:
     if cfg.shuffle_window < 1:
         raise SystemExit(f"--shuffle-window {cfg.shuffle_window}: give at least 1 shard")
     train_source = open_cache(cfg.cache)
-    eval_source = open_cache(cfg.eval_cache) if cfg.eval_cache else train_source
+    tokenizer_sha256 = train_source.tokenizer_sha256
+    eval_source = open_cache(cfg.eval_cache, tokenizer_sha256=tokenizer_sha256) if cfg.eval_cache else train_source
     if cfg.preload:
         train_source = PreloadedLatents(train_source)
     latent_shape = tuple(train_source.latents(train_source.keys[:1]).shape[1:])  # (C, h, w)
@@ -393,6 +403,7 @@ def main(cfg: SubstituteConfig) -> dict:
     # Run directory: the main process creates (or resumes) it before the others look at it.
     if accelerator.is_main_process:
         run = RunDir(cfg.out, overwrite=cfg.overwrite)
+        check_resumable(run)
         run.save_config(cfg)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
@@ -436,7 +447,8 @@ def main(cfg: SubstituteConfig) -> dict:
         "config": config_to_dict(cfg),
     }
     if accelerator.is_main_process:
-        save_quantizer(quantizer, run.path / "quantizer", stats=stats)
+        provenance = {"tokenizer_sha256": tokenizer_sha256, "cache": cfg.cache}
+        save_quantizer(quantizer, run.path / "quantizer", stats=stats, provenance=provenance)
         run.write_report(report)
     accelerator.print(f"substitution done after {step} steps: {format_stats(stats)}")
 
@@ -448,4 +460,5 @@ def main(cfg: SubstituteConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(SubstituteConfig))
+    with exit_on_input_error():
+        main(parse_config(SubstituteConfig))

@@ -246,3 +246,21 @@ def test_translate_shifts_by_whole_pixels():
         assert abs(dy) <= 2
         assert abs(dx) <= 2
         torch.testing.assert_close(shifted[0], torch.roll(image[0], (dy, dx), (0, 1)) * inside)
+
+
+def test_corrupt_backbone_files_raise_checkpoint_error(tmp_path):
+    """A bad LPIPS or DINO weights file must name the file instead of failing deep inside torch or timm."""
+    from common.tokenizer import CheckpointError
+
+    page = tmp_path / "vgg16.pth"
+    page.write_text("<html><body>sign in</body></html>")
+    with pytest.raises(CheckpointError, match="vgg16.pth is an HTML page"):
+        PerceptualLoss(vgg_file=page)
+    for seed in range(6):  # random bytes fail inside torch's unpickler with several exception types
+        garbage = tmp_path / f"dino-{seed}.pth"
+        garbage.write_bytes(torch.randint(0, 256, (256,), generator=torch.Generator().manual_seed(seed),
+                                          dtype=torch.uint8).numpy().tobytes())
+        with pytest.raises(CheckpointError, match=f"dino-{seed}.pth could not be loaded.*--dino-weights"):
+            DinoDiscriminator(weights_file=garbage, hidden=8)
+        with pytest.raises(CheckpointError, match=f"dino-{seed}.pth"):
+            PerceptualLoss(vgg_file=garbage)

@@ -192,3 +192,18 @@ def test_from_scratch_rejects_cache(demo_shards, latent_cache, tmp_path):
     cfg = AdaptConfig(shards=demo_shards["train"], out=tmp_path / "x", from_scratch=True, cache=latent_cache)
     with pytest.raises(SystemExit, match="--cache"):
         main(cfg)
+
+
+def test_adapt_rejects_another_stages_run_dir(demo_shards, tiny_tokenizer_path, latent_cache, transplant_quantizer,
+                                              tmp_path):
+    """--out on a substitution run must raise before replacing that run's config.json."""
+    from common.rundir import RunDir
+
+    other = RunDir(tmp_path / "substitute")
+    other.save_config({"stage": "substitute"})
+    other.save_checkpoint("last", {"codebook": torch.zeros(2, 2)}, {"step": 3})
+    cfg = adapt_config(demo_shards, tiny_tokenizer_path, latent_cache, tmp_path / "substitute",
+                       quantizer=transplant_quantizer)
+    with pytest.raises(ValueError, match="did not write"):
+        main(cfg)
+    assert json.loads((tmp_path / "substitute" / "config.json").read_text()) == {"stage": "substitute"}

@@ -21,6 +21,7 @@ from cache import IncompleteCacheError, TokenizerMismatchError, open_cache
 from cache.build import BuildConfig, main as build_main
 from cache.store import create_store, mark_complete, plan_layout, write_shard
 from cache.verify import main as verify_main, verify_store
+from common.config import InputError
 from shards.index import ShardInfo, load_index, write_index
 from shards.read import BadSampleError, iter_samples
 
@@ -69,6 +70,10 @@ def test_store_reads_by_key(tmp_path):
     assert torch.equal(cache.latents(["s3-4"], view="latents_hflip")[0], torch.from_numpy(views["latents_hflip"][4]))
     with pytest.raises(KeyError, match="s9-9"):
         cache.latents(["s9-9"])
+    # entry points turn InputError into a one-line message, so the message must be the plain text
+    with pytest.raises(InputError) as info:
+        cache.latents(["s9-9"])
+    assert str(info.value).startswith("sample key 's9-9' is not in the latent cache")
 
 
 def test_store_read_shard_sequential(tmp_path):
@@ -143,6 +148,7 @@ def test_open_cache_rejects_incomplete(tmp_path):
     with pytest.raises(IncompleteCacheError, match=r"1 of 3 shards are not written \(shards 1\)") as info:
         open_cache(str(tmp_path / "c.zarr"))
     assert "allow_incomplete=True" in str(info.value)
+    assert isinstance(info.value, InputError)  # entry points print it as one line
     assert "cache/build.py" in str(info.value)
 
     partial = open_cache(str(tmp_path / "c.zarr"), allow_incomplete=True)
@@ -466,3 +472,28 @@ def test_two_process_build_equals_one(tmp_path, demo_shards, tiny_tokenizer_path
     raw.attrs["complete"] = False
     launch([*args, "--out", str(tmp_path / "two.zarr")], processes=2)
     assert store_files(tmp_path / "two.zarr") == double
+
+
+def test_create_store_refuses_a_folder_of_other_files(tmp_path):
+    """--out pointing at another run's folder must say so instead of surfacing zarr's mode='w-' message."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    with pytest.raises(FileExistsError, match="--out .*run already contains other files"):
+        make_store(run, [2])
+
+
+@pytest.mark.parametrize("options", [{"batch_size": 0}, {"workers": -1}])
+def test_build_rejects_invalid_batch_or_workers(tmp_path, demo_shards, tiny_tokenizer_path, options):
+    cfg = BuildConfig(shards=(demo_shards["eval"],), tokenizer=tiny_tokenizer_path, out=str(tmp_path / "c.zarr"),
+                      **options)
+    with pytest.raises(ValueError, match="--batch-size .* --workers"):
+        build_main(cfg)
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_open_store_names_corrupt_zarr_json(tmp_path):
+    make_store(tmp_path / "c.zarr", [2])
+    (tmp_path / "c.zarr" / "zarr.json").write_text("{")
+    with pytest.raises(ValueError, match="c.zarr has a corrupt zarr.json"):
+        open_cache(str(tmp_path / "c.zarr"))

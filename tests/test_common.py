@@ -111,7 +111,7 @@ def test_rundir_reuses_a_folder_left_with_only_its_config(tmp_path):
 
 
 def test_config_file_errors_name_the_flag(tmp_path):
-    with pytest.raises(SystemExit, match="--config .*nope.yaml: no such file"):
+    with pytest.raises(SystemExit, match="--config .*nope.yaml: file not found"):
         parse_config(ToyConfig, ["--out", "r", "--config", str(tmp_path / "nope.yaml")])
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(SystemExit, match="bad.json: not valid JSON"):

@@ -80,6 +80,20 @@ def test_run_max_samples_and_refuses_existing_out(demo_shards, tiny_tokenizer_pa
     assert report["n"] == 5
     with pytest.raises(FileExistsError, match="--overwrite"):
         _evaluate(demo_shards, tiny_tokenizer_path, tmp_path / "run", max_samples=5)
+    # a training run's folder has a checkpoint; evaluating into it would replace its config.json and report.json
+    training = tmp_path / "adapt"
+    (training / "checkpoints").mkdir(parents=True)
+    (training / "checkpoints" / "last.safetensors").write_bytes(b"")
+    (training / "config.json").write_text('{"stage": "adapt"}')
+    with pytest.raises(FileExistsError, match="contains a training run"):
+        _evaluate(demo_shards, tiny_tokenizer_path, training, max_samples=5)
+    assert json.loads((training / "config.json").read_text()) == {"stage": "adapt"}
+
+
+def test_compare_rejects_corrupt_report(tmp_path):
+    (tmp_path / "report.json").write_text('{"metrics":')
+    with pytest.raises(ValueError, match="report.json is not valid JSON"):
+        load_report(tmp_path)
 
 
 @pytest.mark.slow
@@ -157,3 +171,9 @@ def test_compare_marks_missing_metric_without_reason():
 def test_compare_rejects_folder_without_report(tmp_path):
     with pytest.raises(FileNotFoundError, match="report.json"):
         load_report(tmp_path)
+
+
+def test_compare_rejects_folder_as_output(demo_shards, tiny_tokenizer_path, tmp_path):
+    _evaluate(demo_shards, tiny_tokenizer_path, tmp_path / "run", max_samples=2, grid_images=2)
+    with pytest.raises(IsADirectoryError, match="--grid .* is a folder"):
+        compare_main(CompareConfig(runs=(str(tmp_path / "run"),), grid=str(tmp_path)))

@@ -278,3 +278,15 @@ def test_synthetic_benchmark_rows():
     for row in rows:
         assert row["E"] > 0
         assert 0 < row["U"] <= 1
+
+
+def test_quantizer_records_its_tokenizer(tmp_path):
+    from substitute.quantizers import check_quantizer_tokenizer
+
+    quantizer = build_quantizer("mmd", codebook_size=16, dim=8, patch_nums=(1, 2))
+    save_quantizer(quantizer, tmp_path / "q", provenance={"tokenizer_sha256": "a" * 64})
+    loaded = load_quantizer(tmp_path / "q")
+    assert loaded.provenance["tokenizer_sha256"] == "a" * 64
+    check_quantizer_tokenizer(loaded, "a" * 64, "q")
+    with pytest.raises(ValueError, match=f"{'a' * 64}.*{'b' * 64}"):
+        check_quantizer_tokenizer(loaded, "b" * 64, "q")

@@ -32,12 +32,12 @@ def mixture_latents(n=96, seed=0):
     return vectors.permute(0, 3, 1, 2).contiguous()  # (n, C, h, w)
 
 
-def write_cache(path, latents, shard_size=24):
+def write_cache(path, latents, shard_size=24, tokenizer_sha256=None):
     """Write latents (n, C, h, w) as a complete float32 latent cache of shards of `shard_size` samples."""
     sizes = [len(chunk) for chunk in latents.split(shard_size)]
     layout = plan_layout(sizes, LATENT_SHAPE, dtype="float32", chunk_rows=8)
     shards = [(f"{path.name}-{i:04d}.tar", n) for i, n in enumerate(sizes)]
-    group = create_store(str(path), shards, layout, {"tokenizer": {"sha256": None}})
+    group = create_store(str(path), shards, layout, {"tokenizer": {"sha256": tokenizer_sha256}})
     for shard, chunk in enumerate(latents.split(shard_size)):
         keys = [f"{path.stem}{shard}_{i:03d}" for i in range(len(chunk))]
         write_shard(group, shard, keys, {"latents": chunk.numpy().astype(np.float32)})
@@ -188,3 +188,26 @@ def test_two_process_run_matches_single_process_eval(caches, tmp_path):
     single = quantization_stats(load_quantizer(out).eval(), [eval_cache.latents(eval_cache.keys)])
     assert report["eval"]["E"] == pytest.approx(single["E"], rel=1e-6)
     assert report["eval"]["U"] == single["U"]
+
+
+def test_run_rejects_other_stages_checkpoint(caches, tmp_path):
+    from common.rundir import RunDir
+
+    other = RunDir(tmp_path / "adapt-run")
+    other.save_config({"stage": "adapt"})
+    other.save_checkpoint("last", {"w": torch.zeros(1)}, {"step": 3, "model": {}})
+    with pytest.raises(ValueError, match="another stage"):
+        main(tiny_config(caches, tmp_path / "adapt-run", steps=1))
+    assert json.loads((tmp_path / "adapt-run" / "config.json").read_text()) == {"stage": "adapt"}
+
+
+def test_saved_quantizer_names_cache_tokenizer(tmp_path):
+    train = write_cache(tmp_path / "train.zarr", mixture_latents(24, seed=0), tokenizer_sha256="c" * 64)
+    held_out = write_cache(tmp_path / "eval.zarr", mixture_latents(24, seed=1), tokenizer_sha256="c" * 64)
+    other = write_cache(tmp_path / "other.zarr", mixture_latents(24, seed=1), tokenizer_sha256="d" * 64)
+    caches = {"train": train, "eval": held_out}
+    main(tiny_config(caches, tmp_path / "run", steps=1))
+    saved = json.loads((tmp_path / "run" / "quantizer.json").read_text())
+    assert saved["provenance"]["tokenizer_sha256"] == "c" * 64
+    with pytest.raises(ValueError, match="d" * 64):
+        main(tiny_config({"train": train, "eval": other}, tmp_path / "mixed", steps=1))

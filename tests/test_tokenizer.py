@@ -182,3 +182,14 @@ def test_usage_buffer_of_other_scale_count_only_warns(tmp_path, tiny_tokenizer, 
     model = load_tokenizer(path)
     assert "usage statistics are reset" in caplog.text
     assert model.quantizer.ema_vocab_hit_SV.shape == (10, 256)
+
+
+def test_corrupt_pth_is_not_called_a_pickle_with_code(tmp_path):
+    """Bytes that are no pickle at all are a corrupt download, not a checkpoint refused for its classes."""
+    for seed in range(8):
+        path = tmp_path / f"garbage-{seed}.pth"
+        path.write_bytes(torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(seed),
+                                       dtype=torch.uint8).numpy().tobytes())
+        with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
+            load_tokenizer(path)
+        assert "could run code" not in str(info.value)

@@ -11,6 +11,7 @@ from substitute.quantizers.build import (
     QuantizerSpec,
     build_from_spec,
     build_quantizer,
+    check_quantizer_tokenizer,
     load_quantizer,
     save_quantizer,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "build_external",
     "build_from_spec",
     "build_quantizer",
+    "check_quantizer_tokenizer",
     "is_factory_spec",
     "load_quantizer",
     "save_quantizer",

@@ -168,8 +168,16 @@ def _prefix_of(path: str | Path) -> Path:
     return path
 
 
-def save_quantizer(quantizer: nn.Module, path_prefix: str | Path, stats: dict[str, Any] | None = None) -> Path:
-    """Write `<prefix>.safetensors` (weights and buffers) and `<prefix>.json` (spec and stats), each atomically.
+def save_quantizer(
+    quantizer: nn.Module,
+    path_prefix: str | Path,
+    stats: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write `<prefix>.safetensors` (weights and buffers) and `<prefix>.json` (spec, stats, provenance), atomically.
+
+    `provenance["tokenizer_sha256"]`, when given, names the tokenizer whose latents the quantizer was trained on;
+    `check_quantizer_tokenizer` compares it when the quantizer is used with a tokenizer later.
 
     Returns the .safetensors path. The quantizer must come from `build_quantizer`, `build_external` or
     `load_quantizer`. For an outside quantizer the JSON contains its factory and arguments, and the weights are the
@@ -181,7 +189,13 @@ def save_quantizer(quantizer: nn.Module, path_prefix: str | Path, stats: dict[st
             "save_quantizer needs a quantizer made by build_quantizer, build_external or load_quantizer (no .spec found)"
         )
     prefix = Path(path_prefix)
-    document = {"format": FILE_FORMAT, "version": FILE_VERSION, "spec": spec.to_json(), "stats": stats or {}}
+    document = {
+        "format": FILE_FORMAT,
+        "version": FILE_VERSION,
+        "spec": spec.to_json(),
+        "stats": stats or {},
+        "provenance": provenance or {},
+    }
     weights = prefix.with_name(prefix.name + ".safetensors")
     module = quantizer.module if isinstance(quantizer, ExternalQuantizer) else quantizer
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
@@ -218,4 +232,15 @@ def load_quantizer(path: str | Path, map_location: str = "cpu") -> nn.Module:
         quantizer = build_from_spec(QuantizerSpec.from_json(document["spec"]))
         quantizer.load_state_dict(state, strict=True)
     quantizer.saved_stats = document.get("stats", {})
+    quantizer.provenance = document.get("provenance", {})
     return quantizer
+
+
+def check_quantizer_tokenizer(quantizer: nn.Module, tokenizer_sha256: str | None, source: str) -> None:
+    """Raise if the quantizer was trained on the latents of a tokenizer other than the given one."""
+    trained_on = getattr(quantizer, "provenance", {}).get("tokenizer_sha256")
+    if trained_on and tokenizer_sha256 and trained_on != tokenizer_sha256:
+        raise ValueError(
+            f"quantizer {source} was trained on latents of tokenizer sha256 {trained_on}, but the tokenizer given "
+            f"has sha256 {tokenizer_sha256}; use the tokenizer whose latent cache trained it"
+        )
