@@ -38,6 +38,7 @@ from adapt.losses import GeneratorObjective, LossWeights
 from adapt.perceptual import load_perceptual_loss
 from adapt.training import MetricWindow, Trainer, read_training_state, restore_training_state, training_state
 from common.config import config_to_dict, exit_on_input_error, parse_config
+from common.preprocess import transform_description
 from common.quantize import FixedScaleQuantizer
 from common.rundir import RunDir
 from common.tokenizer import PRESETS, build_tokenizer, load_tokenizer, save_tokenizer
@@ -208,7 +209,8 @@ def build_adaptation(cfg: AdaptConfig, accelerator: Accelerator, urls: list[str]
     from cache import open_cache
 
     tokenizer = load_tokenizer(cfg.tokenizer).requires_grad_(False).eval()
-    cache = open_cache(cfg.cache, tokenizer_sha256=tokenizer.sha256)
+    cache = open_cache(cfg.cache, tokenizer_sha256=tokenizer.sha256, image_size=tokenizer.image_size,
+                       preprocessing=transform_description(tokenizer.image_size))
     if tuple(cache.latent_shape) != tuple(tokenizer.latent_shape):
         raise SystemExit(f"latent cache {cfg.cache} contains latents of shape {cache.latent_shape}, but the tokenizer "
                          f"makes {tuple(tokenizer.latent_shape)}")

@@ -1,5 +1,19 @@
 """Latent cache: the frozen encoder's latents of every sample of a WebDataset shard set, stored once in Zarr v3."""
 
-from cache.reader import IncompleteCacheError, LatentCache, ShardRecord, TokenizerMismatchError, open_cache
+from cache.reader import (
+    IncompleteCacheError,
+    LatentCache,
+    ProvenanceMismatchError,
+    ShardRecord,
+    TokenizerMismatchError,
+    open_cache,
+)
 
-__all__ = ["IncompleteCacheError", "LatentCache", "ShardRecord", "TokenizerMismatchError", "open_cache"]
+__all__ = [
+    "IncompleteCacheError",
+    "LatentCache",
+    "ProvenanceMismatchError",
+    "ShardRecord",
+    "TokenizerMismatchError",
+    "open_cache",
+]

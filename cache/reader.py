@@ -23,6 +23,10 @@ class MissingKeyError(KeyError, InputError):
         return str(self.args[0])
 
 
+class ProvenanceMismatchError(ValueError):
+    """The store was built from images of another size or with another preprocessing than expected."""
+
+
 class TokenizerMismatchError(ValueError):
     """The store was built with a different tokenizer checkpoint than the one given."""
 
@@ -46,12 +50,21 @@ class LatentCache:
     copies as ``duplicate_key`` skips. Instances pickle, so DataLoader workers can read from them.
     """
 
-    def __init__(self, path: str, *, allow_incomplete: bool = False, tokenizer_sha256: str | None = None):
+    def __init__(
+        self,
+        path: str,
+        *,
+        allow_incomplete: bool = False,
+        tokenizer_sha256: str | None = None,
+        image_size: int | None = None,
+        preprocessing: dict | None = None,
+    ):
         self.path = str(path)
         self._group = open_store(self.path, mode="r")
         self.attrs: dict[str, Any] = dict(self._group.attrs)
         self.layout: Layout = layout_of(self._group)
         self._check_tokenizer(tokenizer_sha256)
+        self._check_preprocessing(image_size, preprocessing)
         marks = written_marks(self._group)
         if not allow_incomplete:
             self._check_complete(marks)
@@ -133,6 +146,21 @@ class LatentCache:
                 f"{expected} was given. Use the tokenizer the cache was built with, or rebuild the cache"
             )
 
+    def _check_preprocessing(self, image_size: int | None, preprocessing: dict | None) -> None:
+        provenance = self.attrs["provenance"]
+        stored_size = provenance.get("image_size")
+        if image_size is not None and stored_size != image_size:
+            raise ProvenanceMismatchError(
+                f"latent cache {self.path} was built from {stored_size}-px images, but {image_size}-px images were "
+                "expected. Rebuild the cache with --image-size matching the tokenizer"
+            )
+        stored = provenance.get("preprocessing")
+        if preprocessing is not None and stored != preprocessing:
+            raise ProvenanceMismatchError(
+                f"latent cache {self.path} was built with preprocessing {stored}, but {preprocessing} was expected. "
+                "Rebuild the cache with this version's preprocessing"
+            )
+
     def _check_complete(self, marks: np.ndarray) -> None:
         if self.attrs.get("complete"):
             return
@@ -182,10 +210,20 @@ class LatentCache:
         return rows_by_key, live_rows
 
 
-def open_cache(path: str, *, tokenizer_sha256: str | None = None, allow_incomplete: bool = False) -> LatentCache:
+def open_cache(
+    path: str,
+    *,
+    tokenizer_sha256: str | None = None,
+    allow_incomplete: bool = False,
+    image_size: int | None = None,
+    preprocessing: dict | None = None,
+) -> LatentCache:
     """Open a latent cache for reading.
 
     Raises IncompleteCacheError when the build has not finished (unless ``allow_incomplete``, which reads the
-    written shards only) and TokenizerMismatchError when ``tokenizer_sha256`` differs from the one recorded.
+    written shards only), TokenizerMismatchError when ``tokenizer_sha256`` differs from the one recorded, and
+    ProvenanceMismatchError when ``image_size`` or ``preprocessing`` (a `common.preprocess.transform_description`)
+    differ from the recorded ones. Checks whose argument is None are skipped.
     """
-    return LatentCache(path, allow_incomplete=allow_incomplete, tokenizer_sha256=tokenizer_sha256)
+    return LatentCache(path, allow_incomplete=allow_incomplete, tokenizer_sha256=tokenizer_sha256,
+                       image_size=image_size, preprocessing=preprocessing)

@@ -136,11 +136,8 @@ def open_latent_cache(cfg: EvalConfig, tokenizer: VQVAE):
     """Open the latent cache, which raises if it was built by another tokenizer or at another image size."""
     from cache import open_cache
 
-    cache = open_cache(cfg.cache, tokenizer_sha256=tokenizer.sha256)
-    cached_size = cache.attrs["provenance"]["image_size"]
-    if cached_size != tokenizer.image_size:
-        raise ValueError(f"--cache {cfg.cache} contains latents of {cached_size}px images, but the tokenizer "
-                         f"decodes {tokenizer.image_size}px images; build the cache at the tokenizer's size")
+    cache = open_cache(cfg.cache, tokenizer_sha256=tokenizer.sha256, image_size=tokenizer.image_size,
+                       preprocessing=transform_description(tokenizer.image_size))
     return cache
 
 

@@ -497,3 +497,16 @@ def test_open_store_names_corrupt_zarr_json(tmp_path):
     (tmp_path / "c.zarr" / "zarr.json").write_text("{")
     with pytest.raises(ValueError, match="c.zarr has a corrupt zarr.json"):
         open_cache(str(tmp_path / "c.zarr"))
+
+
+def test_open_cache_rejects_other_image_size_or_preprocessing(eval_store):
+    from cache import ProvenanceMismatchError
+    from common.preprocess import transform_description
+
+    cache = open_cache(eval_store, image_size=64, preprocessing=transform_description(64))
+    assert len(cache.keys) > 0
+    with pytest.raises(ProvenanceMismatchError, match="built from 64-px images, but 256-px"):
+        open_cache(eval_store, image_size=256)
+    changed = {**transform_description(64), "resize_filter": "bicubic"}
+    with pytest.raises(ProvenanceMismatchError, match="bicubic"):
+        open_cache(eval_store, preprocessing=changed)

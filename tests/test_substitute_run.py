@@ -211,3 +211,96 @@ def test_saved_quantizer_names_cache_tokenizer(tmp_path):
     assert saved["provenance"]["tokenizer_sha256"] == "c" * 64
     with pytest.raises(ValueError, match="d" * 64):
         main(tiny_config({"train": train, "eval": other}, tmp_path / "mixed", steps=1))
+
+
+# Launched under torch.distributed.run: runs substitution and, before the final evaluation, writes this
+# process's quantizer state to DIR/rank{r}.safetensors, so the test can compare what every process holds.
+RANK_STATE_SCRIPT = """
+import sys
+
+from safetensors.torch import save_file
+
+import substitute.run as run
+from common.config import parse_config
+
+evaluate = run.evaluate
+
+
+def save_then_evaluate(accelerator, quantizer, source, cfg):
+    state = {key: value.detach().cpu().clone() for key, value in quantizer.state_dict().items()}
+    save_file(state, f"{sys.argv[1]}/rank{accelerator.process_index}.safetensors")
+    return evaluate(accelerator, quantizer, source, cfg)
+
+
+run.evaluate = save_then_evaluate
+run.main(parse_config(run.SubstituteConfig, sys.argv[2:]))
+"""
+
+
+def run_two_processes(tmp_path, cache, out, kind, batch_size, steps, options=()):
+    """Train `kind` with two processes of `batch_size` latents each; return both processes' final states."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    script = tmp_path / "rank_states.py"
+    script.write_text(RANK_STATE_SCRIPT)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path),
+        "--cache", cache, "--out", str(out), "--quantizer", kind, "--codebook-size", "16",
+        "--patch-nums", "1", "2", "4", "--batch-size", str(batch_size), "--steps", str(steps), "--lr", "3e-2",
+        "--lr-end", "3e-3", "--log-every", "3", "--workers", "0", "--shuffle-window", "1",
+    ]
+    if options:
+        command += ["--quantizer-options", *options]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [load_file(tmp_path / f"rank{rank}.safetensors") for rank in range(2)]
+
+
+def assert_same_states(first, second, tol=0.0):
+    """Check that two state dicts hold the same tensors, up to `tol` relative and absolute (0: bit-identical)."""
+    assert set(first) == set(second)
+    for key in first:
+        worst = (first[key] - second[key]).abs().max()
+        assert torch.allclose(first[key], second[key], rtol=tol, atol=tol), f"{key}: differs by up to {worst}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["vanilla", "ema"])
+def test_two_process_run_matches_one_process_run(tmp_path, kind):
+    # Shards of 8 latents, each read as its own window: two processes with 8 latents each read shards
+    # order[2k] and order[2k + 1] at step k, and one process with 16 latents reads the same two shards at step k.
+    # Both losses are means over the batch (EMA sums its statistics across processes), so the steps agree.
+    cache = write_cache(tmp_path / "train.zarr", mixture_latents(96, seed=0), shard_size=8)
+    ranks = run_two_processes(tmp_path, cache, tmp_path / "two", kind, batch_size=8, steps=9)
+    assert_same_states(ranks[0], ranks[1])
+
+    one = tiny_config({"train": cache, "eval": None}, tmp_path / "one", quantizer=kind, batch_size=16, steps=9,
+                      shuffle_window=1, log_every=3, checkpoint_every=1000)
+    main(one)
+    single = load_quantizer(tmp_path / "one").state_dict()
+    # EMA sums of up to ~10 per element reach 1e-5 by float32 rounding alone, hence a relative tolerance too.
+    assert_same_states(ranks[0], single, tol=1e-5)
+    # Nine steps move the codes far from their start, so the match above is not the untrained state's.
+    untrained = main(tiny_config({"train": cache, "eval": None}, tmp_path / "untrained", quantizer=kind, steps=0))
+    trained = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert trained["eval"]["E"] < untrained["eval"]["E"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["online", "wasserstein"])
+def test_two_process_codebooks_stay_identical(caches, tmp_path, kind):
+    # Each process keeps its own queue of recent features, yet the codebook statistics and weights must agree:
+    # online sums usage and broadcasts rank 0's replacement draws, Wasserstein's gradients are averaged by DDP.
+    ranks = run_two_processes(tmp_path, caches["train"], tmp_path / "two", kind, batch_size=8, steps=6,
+                              options=("queue_size=64", "dead_threshold=0.3") if kind == "online" else ("queue_size=64",))
+    assert_same_states(ranks[0], ranks[1])
+    initial = substitute_run.make_quantizer(
+        tiny_config(caches, tmp_path / "unused", quantizer=kind, quantizer_options=("queue_size=64",)), LATENT_SHAPE
+    )
+    moved = [key for key, value in initial.state_dict().items() if not torch.equal(value, ranks[0][key])]
+    assert any("embedding" in key for key in moved), moved
