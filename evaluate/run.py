@@ -228,10 +228,12 @@ def main(cfg: EvalConfig) -> dict[str, Any] | None:
     accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
-    # an evaluation has no checkpoint, so a folder with one is another stage's run that would lose its config
+    # An evaluation has no checkpoint, so a folder with one is another stage's run that would lose its config.
+    # Every process checks the folder before the main process writes into it, so none sees a half-made run.
     if RunDir(cfg.out, overwrite=cfg.overwrite, create=False).resume:
         raise FileExistsError(f"--out {cfg.out} contains a training run (checkpoints/last.safetensors); "
                               "give the evaluation its own --out")
+    accelerator.wait_for_everyone()
     run = RunDir(cfg.out, overwrite=cfg.overwrite) if accelerator.is_main_process else None
     if run is not None:
         run.save_config(cfg)

@@ -400,10 +400,12 @@ def main(cfg: SubstituteConfig) -> dict:
     accelerator = Accelerator(kwargs_handlers=[ddp_options])
     quantizer = quantizer.to(accelerator.device)
 
-    # Run directory: the main process creates (or resumes) it before the others look at it.
+    # Run directory: every process checks it first, so a bad --out stops all of them rather than leaving the
+    # others waiting at the barrier; then the main process creates (or resumes) it before the others look again.
+    check_resumable(RunDir(cfg.out, overwrite=cfg.overwrite, create=False))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run = RunDir(cfg.out, overwrite=cfg.overwrite)
-        check_resumable(run)
         run.save_config(cfg)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
