@@ -178,8 +178,8 @@ def discriminator_loss(disc: nn.Module, real: torch.Tensor, fake: torch.Tensor,
     update_lecam_ema(module, real_logits, fake_logits, config.lecam_decay)
     total = hinge + config.consistency_weight * consistency + config.lecam_weight * lecam
 
-    stats = {"d_hinge": hinge.item(), "d_consistency": consistency.item(), "d_lecam": lecam.item(),
-             "d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item()}
+    stats = {"d_hinge": hinge.detach(), "d_consistency": consistency.detach(), "d_lecam": lecam.detach(),
+             "d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean()}
     return total, stats
 
 

@@ -64,20 +64,20 @@ class GeneratorObjective:
         if self.weights.l2 > 0:
             l2 = F.mse_loss(x_hat, x)
             rec = rec + self.weights.l2 * l2
-            terms["l2"] = l2.item()
+            terms["l2"] = l2.detach()
         if self.perceptual is not None:
             lpips = self.perceptual(x_hat, x).mean()
             rec = rec + self.weights.perceptual * lpips
-            terms["lpips"] = lpips.item()
+            terms["lpips"] = lpips.detach()
 
         total = rec
         if self.uses_gan and gan_active:
             gan = generator_gan_loss(self.discriminator, x_hat)
             weight = self._gan_weight(rec, gan, last_layer)
             total = total + weight * gan
-            terms["gan"] = gan.item()
-            terms["gan_weight"] = weight.item()
-        terms["total"] = total.item()
+            terms["gan"] = gan.detach()
+            terms["gan_weight"] = weight.detach()
+        terms["total"] = total.detach()
         return total, terms
 
     def _gan_weight(self, rec: torch.Tensor, gan: torch.Tensor, last_layer: torch.Tensor | None) -> torch.Tensor:

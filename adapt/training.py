@@ -36,7 +36,7 @@ class Trainer:
     disc_config: DiscriminatorLossConfig = field(default_factory=DiscriminatorLossConfig)
     gan_start_step: int = 0
 
-    def step(self, batch: dict, step: int) -> dict[str, float]:
+    def step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         """Update the generator on one batch, then the discriminator; return this step's metrics."""
         x = batch["image"].to(self.accelerator.device)  # (B, 3, R, R) in [-1, 1]
         gan_active = self.disc is not None and step >= self.gan_start_step
@@ -50,10 +50,12 @@ class Trainer:
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics.update({k: float(v) for k, v in extra_stats.items()})
-        metrics["grad_norm"] = float(grad_norm)
+        # Metrics stay on the device as detached tensors; MetricWindow reads them once per log step, so a step
+        # never waits for the device to finish.
+        metrics.update({k: torch.as_tensor(v).detach() for k, v in extra_stats.items()})
+        metrics["grad_norm"] = torch.as_tensor(grad_norm).detach()
         with torch.no_grad():
-            metrics["mse"] = F.mse_loss(x_hat.detach().float().clamp(-1, 1), x).item()
+            metrics["mse"] = F.mse_loss(x_hat.detach().float().clamp(-1, 1), x)
 
         # Discriminator: its heads also received gradients from the generator loss above; drop them first.
         if gan_active:
@@ -71,20 +73,23 @@ class MetricWindow:
     """Running means of per-step metrics between two log steps, averaged across processes when read."""
 
     def __init__(self):
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self.steps = 0
 
-    def add(self, metrics: dict[str, float]) -> None:
+    def add(self, metrics: dict[str, torch.Tensor | float]) -> None:
+        """Add one step's metrics; tensors are summed on their device, without a host sync."""
         for key, value in metrics.items():
-            self.sums[key] += value
+            self.sums[key] = self.sums[key] + (value.detach().double() if isinstance(value, torch.Tensor) else value)
         self.steps += 1
 
     def reduce(self, accelerator) -> dict[str, float]:
         """Return the window's means over steps and processes, then start a new window (a collective call)."""
         keys = sorted(self.sums)
-        local = torch.tensor([self.sums[k] / max(self.steps, 1) for k in keys], dtype=torch.float64,
-                             device=accelerator.device)
-        means = accelerator.reduce(local, reduction="mean").tolist() if keys else []
+        if not keys:
+            return {}
+        local = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64).to(accelerator.device) for k in keys])
+        local = local / max(self.steps, 1)
+        means = accelerator.reduce(local, reduction="mean").tolist()
         self.sums.clear()
         self.steps = 0
         result = dict(zip(keys, means))

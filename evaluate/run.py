@@ -229,7 +229,7 @@ def main(cfg: EvalConfig) -> dict[str, Any] | None:
     rank, world = accelerator.process_index, accelerator.num_processes
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     # An evaluation has no checkpoint, so a folder with one is another stage's run that would lose its config.
-    # Every process checks the folder before the main process writes into it, so none sees a half-made run.
+    # Every process checks the folder before the main process writes into it, so no process reads a half-made run.
     if RunDir(cfg.out, overwrite=cfg.overwrite, create=False).resume:
         raise FileExistsError(f"--out {cfg.out} contains a training run (checkpoints/last.safetensors); "
                               "give the evaluation its own --out")

@@ -400,8 +400,8 @@ def main(cfg: SubstituteConfig) -> dict:
     accelerator = Accelerator(kwargs_handlers=[ddp_options])
     quantizer = quantizer.to(accelerator.device)
 
-    # Run directory: every process checks it first, so a bad --out stops all of them rather than leaving the
-    # others waiting at the barrier; then the main process creates (or resumes) it before the others look again.
+    # Run directory: every process checks it first, so a bad --out stops all of them at once. Then the main
+    # process creates (or resumes) it before the others open it.
     check_resumable(RunDir(cfg.out, overwrite=cfg.overwrite, create=False))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

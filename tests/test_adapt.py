@@ -110,8 +110,8 @@ def test_discriminator_loss_terms_and_grads(disc):
     assert stats["d_consistency"] >= 0
     assert stats["d_lecam"] >= 0
     assert fake.grad is None  # fakes are detached for the discriminator step
-    assert disc.ema_real.item() == pytest.approx(0.001 * stats["d_real"], rel=1e-4)
-    assert disc.ema_fake.item() == pytest.approx(0.001 * stats["d_fake"], rel=1e-4)
+    assert disc.ema_real.item() == pytest.approx(0.001 * float(stats["d_real"]), rel=1e-4)
+    assert disc.ema_fake.item() == pytest.approx(0.001 * float(stats["d_fake"]), rel=1e-4)
 
 
 def test_diff_augment_shapes_and_gradients():
@@ -202,8 +202,8 @@ def test_objective_reports_only_active_terms(perceptual, disc):
     full = GeneratorObjective(LossWeights(gan=0.5), perceptual, disc)
     total, terms = full(x_hat, x, last_layer=conv_out.weight)
     assert set(terms) == {"l2", "lpips", "gan", "gan_weight", "total"}
-    expected = terms["l2"] + terms["lpips"] + terms["gan_weight"] * terms["gan"]
-    assert terms["total"] == pytest.approx(expected, rel=1e-5)
+    expected = float(terms["l2"] + terms["lpips"] + terms["gan_weight"] * terms["gan"])
+    assert float(terms["total"]) == pytest.approx(expected, rel=1e-5)
     assert terms["gan_weight"] > 0
     total.backward()
     assert conv_out.weight.grad is not None
