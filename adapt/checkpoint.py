@@ -1,8 +1,8 @@
 """The adapted decoder on disk: `decoder.safetensors` + `decoder.json` in an adaptation run directory.
 
-The safetensors file contains the state dict of `tokenizer.decoder_modules()` (keys `decoder.*` and
-`post_quant_conv.*`, the tokenizer's own names) and, in its header, the same metadata as `decoder.json`: the
-sha256 of the tokenizer checkpoint the decoder was adapted from and the quantizer it was adapted to.
+The safetensors file contains the state dict of `tokenizer.decoder_modules()`, under the tokenizer's own key
+names (`decoder.*` and `post_quant_conv.*`). Its header repeats the metadata of `decoder.json`: the sha256 of the
+tokenizer checkpoint the decoder was adapted from, and the quantizer it was adapted to.
 """
 
 from __future__ import annotations

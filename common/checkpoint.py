@@ -1,7 +1,7 @@
 """Nested training state (model and optimizer state dicts, counters) as safetensors + JSON, never pickles.
 
 `flatten_state` splits a nested structure into a flat `{path: tensor}` dict for safetensors and a JSON skeleton
-in which every tensor is replaced by a reference to its path; `unflatten_state` puts them back together.
+in which every tensor is replaced by a reference to its path. `unflatten_state` puts them back together.
 """
 
 from __future__ import annotations

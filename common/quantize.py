@@ -1,7 +1,7 @@
 """Quantizer layouts shared by the native VAR quantizer and the transplanted ones.
 
-A layout decides *where* vectors are quantized (VAR's multi-scale residual pyramid, or G channel groups at full
-resolution); a `Codebook` decides *how* (nearest code, plus whatever loss or update its algorithm adds). The native
+A layout decides *where* vectors are quantized: VAR's multi-scale residual pyramid, or G channel groups at full
+resolution. A `Codebook` decides *how*: the nearest code, plus whatever loss or update its algorithm adds. The native
 VAR quantizer is `MultiScaleQuantizer(Codebook(...))` with VAR's parameter names, so a VAR checkpoint loads into
 it strictly; the quantizers in `substitute.quantizers` are the same layouts with other codebooks.
 """
@@ -38,8 +38,8 @@ class QuantizerOutput:
     z_q: torch.Tensor  # (B, C, H, W); the value is quantized, the gradient goes straight through to the input
     indices: torch.Tensor  # (B, T) int64, segments concatenated in `quantizer.segments` order
     loss: torch.Tensor  # scalar: the layout's VQ loss plus the codebook's own term
-    # Detached scalar tensors for logging; converting them to floats is left to the logger, so a training step
-    # never waits on the device.
+    # Detached scalar tensors for logging. The training loops convert them to floats only at log steps, so other
+    # steps do not wait on the device.
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -99,7 +99,7 @@ class Phi(nn.Conv2d):
 class SharedPhis(nn.Module):
     """A few φ's shared by many scales: scale k of K uses the φ whose tick is nearest to k / (K − 1).
 
-    With 4 φ's the ticks are 4 evenly spaced points from 1/12 to 11/12 (VAR's choice); other counts use evenly
+    With 4 φ's the ticks are 4 evenly spaced points from 1/12 to 11/12 (VAR's choice). Other counts use evenly
     spaced midpoints 1/(2n) … 1 − 1/(2n). Ticks and distances are computed with numpy in float64 exactly as VAR
     does, because scale 2 of 10 lies halfway between two ticks and the rounding decides which φ it gets.
     """
@@ -121,9 +121,9 @@ class SharedPhis(nn.Module):
 class MultiScaleQuantizer(nn.Module):
     """VAR's multi-scale residual quantizer over a square latent grid.
 
-    At each scale the residual is area-downsampled to pn×pn, every vector takes its code, the code map is
-    bicubically upsampled back (the last scale is used as is), refined by φ, added to the running sum and
-    subtracted from the residual. Indices of all scales are concatenated: sum(pn²) tokens per image.
+    At each scale the residual is area-downsampled to pn×pn and every vector takes its nearest code. The code map
+    is bicubically upsampled back (the last scale is used as is) and refined by φ. The result is added to the
+    running sum and subtracted from the residual. Indices of all scales are concatenated: sum(pn²) tokens per image.
     """
 
     def __init__(

@@ -63,7 +63,7 @@ class RunDir:
         """Write tensors and metadata as one atomic safetensors file (metadata also copied to a JSON beside it).
 
         The metadata lives inside the safetensors header, so a kill between two writes can never pair new
-        weights with an old step counter; the JSON copy is for people and tools that do not read safetensors.
+        weights with an old step counter. The JSON copy is for people and tools that do not read safetensors.
         """
         weights = self.checkpoints / f"{name}.safetensors"
         self.checkpoints.mkdir(parents=True, exist_ok=True)

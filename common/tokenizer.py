@@ -62,7 +62,7 @@ def _read_pth(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint (truncated or corrupt "
                                   f"download?): {str(err).splitlines()[0]}") from None
         raise CheckpointError(
-            f"{path} was refused: loading it with weights_only=True failed because it contains objects other "
+            f"{path} was rejected: loading it with weights_only=True failed because it contains objects other "
             f"than tensors (a pickle that could run code). Only plain state dicts are accepted. Detail: "
             f"{str(err).splitlines()[0]}"
         ) from None

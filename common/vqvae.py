@@ -133,6 +133,17 @@ def _level(blocks: list[nn.Module], attns: list[nn.Module], resample: nn.Module 
     return level
 
 
+def _run_level(level: nn.Module, h: torch.Tensor, resample: str) -> torch.Tensor:
+    """Run one resolution level: each ResNet block (followed by its attention, if any), then the resampling."""
+    for i, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[i](h)
+    if hasattr(level, resample):
+        h = getattr(level, resample)(h)
+    return h
+
+
 def _middle(ch: int, attn: bool) -> nn.Module:
     mid = nn.Module()
     mid.block_1 = ResnetBlock(ch, ch)
@@ -163,12 +174,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = _run_level(level, h, "downsample")
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -198,12 +204,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for level in reversed(self.up):
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = _run_level(level, h, "upsample")
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

@@ -13,7 +13,7 @@ fi
 stamp="$venv/.vq-transplant-installed"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
   echo "[setup] installing vq-transplant and its dependencies into $venv (first run: several minutes, ~6 GB)"
-  # torch is pinned to the newest release the project is tested with; pip takes it from a local wheel cache when
+  # torch is pinned to the newest release the project is tested with. pip takes it from a local wheel cache when
   # one is configured, else from the package index.
   "$venv/bin/python" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
   "$venv/bin/python" -m pip install --quiet -e "$root[test,demo]"

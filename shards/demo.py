@@ -2,7 +2,7 @@
 
 Each photograph gives several random square crops at random scales, half of them mirrored, saved as JPEG in
 one class folder per photograph, then written as WebDataset shards. Training and evaluation crops come from
-disjoint random draws, so evaluation never sees a training crop (it does see the same photographs).
+disjoint random draws, so no training crop is evaluated (the photographs they come from are shared).
 """
 
 from __future__ import annotations

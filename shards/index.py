@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import fsspec

@@ -88,7 +88,7 @@ def _raw_samples(urls: list[str], split_workers: bool) -> Iterator[dict]:
 def _open_shards(sources: Iterable[dict], handler, current: dict) -> Iterator[dict]:
     """Open each shard URL with fsspec, so local paths, file://, s3://, memory:// and other schemes all work.
 
-    webdataset's own opener only knows plain paths, file:, pipe: and http(s).
+    webdataset 1.0.2's own opener handles only plain paths, file:, pipe: and http(s).
     """
     for source in sources:
         url = source["url"]

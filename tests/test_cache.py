@@ -475,7 +475,7 @@ def test_two_process_build_equals_one(tmp_path, demo_shards, tiny_tokenizer_path
 
 
 def test_create_store_refuses_a_folder_of_other_files(tmp_path):
-    """--out pointing at another run's folder must say so instead of surfacing zarr's mode='w-' message."""
+    """--out pointing at another run's folder gets a message naming --out, not zarr's mode='w-' message."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')

@@ -100,7 +100,7 @@ def test_require_weights_lists_every_missing_file(tmp_path):
     require_weights(WeightFile("present", present, ""))
 
 
-def test_rundir_reuses_a_folder_left_with_only_its_config(tmp_path):
+def test_rundir_reuses_config_only_folder(tmp_path):
     """A run that failed on bad input before its first checkpoint leaves config.json; a fixed rerun may reuse it."""
     RunDir(tmp_path / "run").save_config({"lr": 1.0})
     again = RunDir(tmp_path / "run")

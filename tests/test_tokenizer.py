@@ -184,7 +184,7 @@ def test_usage_buffer_of_other_scale_count_only_warns(tmp_path, tiny_tokenizer, 
     assert model.quantizer.ema_vocab_hit_SV.shape == (10, 256)
 
 
-def test_corrupt_pth_is_not_called_a_pickle_with_code(tmp_path):
+def test_random_bytes_pth_called_corrupt(tmp_path):
     """Bytes that are no pickle at all are a corrupt download, not a checkpoint refused for its classes."""
     for seed in range(8):
         path = tmp_path / f"garbage-{seed}.pth"

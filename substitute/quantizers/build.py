@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch.nn as nn
 from safetensors.torch import load_file
@@ -18,6 +17,7 @@ from substitute.quantizers.ema import EMACodebook
 from substitute.quantizers.external import ExternalQuantizer, ExternalSpec, build_external_from_spec
 from substitute.quantizers.mmd import MMDCodebook
 from substitute.quantizers.online import OnlineCodebook
+from substitute.quantizers.spec import JsonSpec
 from substitute.quantizers.vanilla import VanillaCodebook
 from substitute.quantizers.wasserstein import WassersteinCodebook
 
@@ -35,8 +35,10 @@ FILE_VERSION = 1
 
 
 @dataclass
-class QuantizerSpec:
+class QuantizerSpec(JsonSpec):
     """Specification that rebuilds a transplant quantizer, stored as JSON next to its weights."""
+
+    tuple_fields: ClassVar[tuple[str, ...]] = ("patch_nums", "scale_weights")
 
     kind: str
     layout: str
@@ -50,22 +52,6 @@ class QuantizerSpec:
     phi_ratio: float
     beta: float  # commitment weight; acts only when the encoder trains
     codebook_args: dict[str, Any] = field(default_factory=dict)  # every constructor argument of the codebook
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "QuantizerSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"quantizer spec has unknown fields {unknown}: a newer version wrote it, so upgrade vq-transplant"
-            )
-        data = dict(data)
-        data["patch_nums"] = tuple(data["patch_nums"])
-        data["scale_weights"] = tuple(data["scale_weights"])
-        return cls(**data)
 
 
 def _default_scale_weights(patch_nums: tuple[int, ...]) -> tuple[float, ...]:

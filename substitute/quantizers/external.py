@@ -15,19 +15,19 @@ of one codebook. Without `codebook_size`, the K given to the factory is the code
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import importlib.util
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
 
 from common.quantize import QuantizerOutput, Segment
+from substitute.quantizers.spec import JsonSpec
 
 
 def is_factory_spec(text: str) -> bool:
@@ -37,29 +37,17 @@ def is_factory_spec(text: str) -> bool:
 
 
 @dataclass
-class ExternalSpec:
+class ExternalSpec(JsonSpec):
     """Recipe of an outside quantizer: its factory, the factory's arguments and the latent shape it expects."""
+
+    label: ClassVar[str] = "outside quantizer spec"
+    tuple_fields: ClassVar[tuple[str, ...]] = ("latent_shape",)
 
     factory: str  # MODULE:FACTORY or FILE.py:FACTORY
     codebook_size: int
     dim: int
     latent_shape: tuple[int, int, int]  # (C, h, w) of the latents it was built for
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory, JSON values only
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ExternalSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"outside quantizer spec has unknown fields {unknown}: a newer version wrote it, so upgrade vq-transplant"
-            )
-        data = dict(data)
-        data["latent_shape"] = tuple(data["latent_shape"])
-        return cls(**data)
 
 
 def _import_module(module_part: str, spec_text: str):
