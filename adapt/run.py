@@ -168,14 +168,9 @@ def open_run(cfg: AdaptConfig, accelerator: Accelerator) -> RunDir:
 
 def load_frozen_quantizer(cfg: AdaptConfig, tokenizer: nn.Module) -> nn.Module:
     """Load the quantizer the decoder adapts to, frozen, and check it fits the tokenizer's latents."""
-    if cfg.quantizer == "native":
-        quantizer = tokenizer.quantizer
-    else:
-        from substitute.quantizers import check_quantizer_tokenizer, load_quantizer
+    from substitute.quantizers import resolve_quantizer
 
-        quantizer = load_quantizer(cfg.quantizer)
-        check_quantizer_tokenizer(quantizer, tokenizer.sha256, f"--quantizer {cfg.quantizer}")
-    quantizer = quantizer.eval().requires_grad_(False)
+    quantizer = resolve_quantizer(cfg.quantizer, tokenizer).eval().requires_grad_(False)
     try:
         quantizer.quantize(torch.zeros(1, *tokenizer.latent_shape))
     except ValueError as err:

@@ -6,6 +6,10 @@ Also runs as plain `python cache/build.py ...`. Each process encodes whole shard
 call, so processes never share a storage object. Rerunning the same command resumes: shards already marked
 written are kept and only the others are encoded.
 
+The encoder computes in IEEE float32 (TensorFloat-32 is turned off on GPUs) and the latents are stored as
+float32 by default, because float16 storage, `--bf16` and `--tf32` each move some multi-scale indices to
+another code. `python -m cache.precision` measures by how much.
+
 NOTE: convolutions can round differently with another device or CPU thread count, so a shard redone on resume
 may differ in the last bit from what the first run would have stored.
 """
@@ -48,7 +52,9 @@ class BuildConfig:
         "help": "a shard-index JSON, brace patterns such as 'train-{0000..0099}.tar', or a list of shard URLs"})
     tokenizer: str = field(metadata={"help": "tokenizer checkpoint: VAR .pth, or this tool's .safetensors"})
     out: str = field(metadata={"help": "Zarr store to create, or to resume when it contains an unfinished build"})
-    dtype: str = field(default="float16", metadata={"help": "stored latent dtype", "choices": DTYPES})
+    dtype: str = field(default="float32", metadata={
+        "help": "stored latent dtype. float16 halves the disk but moves some multi-scale indices; measure it on your "
+                "data with python -m cache.precision", "choices": DTYPES})
     batch_size: int = field(default=32, metadata={"help": "images per encoder call, per process"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes decoding images, per process"})
     hflip: bool = field(default=False, metadata={"help": "also store latents of horizontally flipped images"})
@@ -57,6 +63,8 @@ class BuildConfig:
         "help": "side R of the preprocessed images in pixels (default: the tokenizer's own image size)"})
     chunk_rows: int = field(default=64, metadata={"help": "latents per Zarr chunk (the unit of a random read)"})
     bf16: bool = field(default=False, metadata={"help": "encode under bfloat16 autocast (changes the latents)"})
+    tf32: bool = field(default=False, metadata={
+        "help": "let GPU convolutions use TensorFloat-32 instead of IEEE float32 (changes the latents)"})
     channels_last: bool = field(default=False, metadata={"help": "run the encoder in channels_last memory format"})
 
 
@@ -79,12 +87,17 @@ def resolve_image_size(cfg: BuildConfig, tokenizer: VQVAE) -> int:
 
 def describe_build(cfg: BuildConfig, tokenizer: VQVAE, shards: list[ShardInfo], image_size: int) -> dict[str, Any]:
     """Return the provenance attrs: everything that determines the stored latents, compared when resuming."""
+    precision = "float32"
+    if cfg.bf16:
+        precision = "bf16-autocast"
+    elif cfg.tf32:
+        precision = "tf32"
     return {
         "tokenizer": {"sha256": tokenizer.sha256, "config": tokenizer.config.to_json()},
         "preprocessing": transform_description(image_size),
         "image_size": image_size,
         "dtype": cfg.dtype,
-        "encode_precision": "bf16-autocast" if cfg.bf16 else "float32",
+        "encode_precision": precision,
         "shard_index_sha256": index_hash(shards),
     }
 
@@ -203,6 +216,8 @@ def main(cfg: BuildConfig) -> None:
     if cfg.batch_size < 1 or cfg.workers < 0:
         raise ValueError(f"--batch-size {cfg.batch_size} / --workers {cfg.workers}: give a batch size of at least 1 "
                          "and a worker count of at least 0")
+    if cfg.bf16 and cfg.tf32:
+        raise ValueError("--bf16 and --tf32 exclude each other: choose one encoder precision")
 
     # one process per device, and only the main process creates the store and changes its attributes
     accelerator = Accelerator()
@@ -230,7 +245,8 @@ def main(cfg: BuildConfig) -> None:
         log.info("no unwritten shards for this process, waiting for the others")
 
     # encode and write whole shards (the progress bar counts the main process's own images)
-    encoder = Encoder(tokenizer, accelerator.device, hflip=cfg.hflip, bf16=cfg.bf16, channels_last=cfg.channels_last)
+    encoder = Encoder(tokenizer, accelerator.device, hflip=cfg.hflip, bf16=cfg.bf16, channels_last=cfg.channels_last,
+                      tf32=cfg.tf32)
     expected = sum(group.attrs["shards"][i]["nsamples"] for i in mine)
     progress = tqdm(total=expected, unit="img", desc="encode") if accelerator.is_main_process else None
     start = time.perf_counter()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any, Iterator
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from cache.store import MAX_SKIP_EXAMPLES
+from common.precision import float32_precision
 from common.tokenizer import VQVAE
 from shards.read import ImageSamples, SkipLog
 
@@ -54,11 +54,19 @@ class ShardBatches(IterableDataset):
 
 
 class Encoder:
-    """The tokenizer's frozen encoder (quant_conv included) on one device, returning latents per view."""
+    """The tokenizer's frozen encoder (quant_conv included) on one device, returning latents per view.
 
-    def __init__(self, tokenizer: VQVAE, device: torch.device, *, hflip: bool, bf16: bool, channels_last: bool):
+    By default it computes in IEEE float32 on GPUs too. `tf32` allows TensorFloat-32 convolutions and `bf16` runs
+    it under bfloat16 autocast. Both are faster on GPUs and both change the latents.
+    """
+
+    def __init__(self, tokenizer: VQVAE, device: torch.device, *, hflip: bool, bf16: bool, channels_last: bool,
+                 tf32: bool = False):
+        if bf16 and tf32:
+            raise ValueError("--bf16 and --tf32 exclude each other: choose one encoder precision")
         self.tokenizer = tokenizer.to(device).eval().requires_grad_(False)
         self.device, self.hflip, self.bf16, self.channels_last = device, hflip, bf16, channels_last
+        self.tf32 = tf32
         if channels_last:
             self.tokenizer.to(memory_format=torch.channels_last)
 
@@ -68,8 +76,11 @@ class Encoder:
         x = images.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        with autocast:
+        if self.bf16:
+            precision = torch.autocast(self.device.type, dtype=torch.bfloat16)
+        else:
+            precision = float32_precision("tf32" if self.tf32 else "ieee")
+        with precision:
             views = {"latents": self.tokenizer.encode(x)}
             # the flipped view is a separate call so "latents" does not depend on whether flips were requested
             if self.hflip:

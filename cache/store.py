@@ -96,7 +96,7 @@ class Layout:
 
 
 def plan_layout(
-    shard_sizes: Sequence[int], latent_shape: Sequence[int], *, dtype: str = "float16", chunk_rows: int = 64,
+    shard_sizes: Sequence[int], latent_shape: Sequence[int], *, dtype: str = "float32", chunk_rows: int = 64,
     hflip: bool = False,
 ) -> Layout:
     """Size the per-shard slot from the index's sample counts (the largest, rounded up to whole chunks)."""

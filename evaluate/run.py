@@ -24,6 +24,7 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from common.config import config_to_dict, exit_on_input_error, parse_config
+from common.precision import float32_precision
 from common.preprocess import to_uint8, transform_description
 from common.rundir import RunDir
 from common.tokenizer import VQVAE, load_tokenizer
@@ -103,13 +104,9 @@ def load_models(cfg: EvalConfig, device: torch.device) -> tuple[VQVAE, torch.nn.
     tokenizer = load_tokenizer(cfg.tokenizer)
     provenance: dict[str, Any] = {"tokenizer": {"path": cfg.tokenizer, "sha256": tokenizer.sha256}}
 
-    if cfg.quantizer == "native":
-        quantizer = tokenizer.quantizer
-    else:
-        from substitute.quantizers import check_quantizer_tokenizer, load_quantizer
+    from substitute.quantizers import resolve_quantizer
 
-        quantizer = load_quantizer(cfg.quantizer)
-        check_quantizer_tokenizer(quantizer, tokenizer.sha256, f"--quantizer {cfg.quantizer}")
+    quantizer = resolve_quantizer(cfg.quantizer, tokenizer)
     provenance["quantizer"] = {"source": cfg.quantizer, "class": type(quantizer).__name__,
                                "codebook_size": quantizer.codebook_size,
                                "segments": [s.name for s in quantizer.segments]}
@@ -144,11 +141,13 @@ def open_latent_cache(cfg: EvalConfig, tokenizer: VQVAE):
 @torch.no_grad()
 def reconstruct(tokenizer: VQVAE, quantizer, images: torch.Tensor, keys: list[str], cache=None):
     """Return (z_e, z_q, indices, x_hat) for a batch of images (B, 3, R, R) in [-1, 1]."""
-    if cache is not None:
-        z_e = cache.latents(keys).to(images.device)  # (B, C, h, w), looked up by key
-    else:
-        z_e = tokenizer.encode(images)
-    z_q, indices = quantizer.quantize(z_e)
+    # IEEE float32 as in cache/build.py, so indices from images match those from a cache of the same images
+    with float32_precision("ieee"):
+        if cache is not None:
+            z_e = cache.latents(keys).to(images.device)  # (B, C, h, w), looked up by key
+        else:
+            z_e = tokenizer.encode(images)
+        z_q, indices = quantizer.quantize(z_e)
     return z_e, z_q, indices, tokenizer.decode(z_q)
 
 

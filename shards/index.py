@@ -97,14 +97,19 @@ def load_index(url: str) -> list[ShardInfo]:
 
 
 def resolve_shards(spec: str | list[str]) -> list[ShardInfo]:
-    """Turn a shard spec (index JSON, brace pattern or list) into ShardInfos, counting samples if needed."""
+    """Turn a shard spec (index JSONs, brace patterns or a list) into ShardInfos, counting samples if needed.
+
+    Index JSONs in the list contribute their shards in their place, so several indexes can be given together.
+    """
     urls = expand_urls(spec)
-    if len(urls) == 1 and urls[0].endswith(".json"):
-        return load_index(urls[0])
-    missing = [u for u in urls if not _exists(u)]
+    indexes = {url: load_index(url) for url in urls if url.endswith(".json")}
+    missing = [u for u in urls if u not in indexes and not _exists(u)]
     if missing:
         raise FileNotFoundError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    return build_index(urls)
+    shards: list[ShardInfo] = []
+    for url in urls:
+        shards.extend(indexes[url] if url in indexes else build_index([url]))
+    return shards
 
 
 def index_hash(shards: list[ShardInfo]) -> str:

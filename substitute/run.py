@@ -91,7 +91,8 @@ class SubstituteConfig:
     )
     preload: bool = field(
         default=False,
-        metadata={"help": "read the whole training cache into memory first (float16, ~16 KiB per VAR latent)"},
+        metadata={"help": "read the whole training cache into memory first, in its stored dtype "
+                          "(32 KiB per VAR latent in float32, 16 KiB in float16)"},
     )
     seed: int = field(default=0, metadata={"help": "seed of initialisation and data order"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing run directory without a checkpoint"})

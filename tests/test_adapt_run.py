@@ -71,7 +71,7 @@ def test_adapt_trains_only_decoder_and_resumes(demo_shards, tiny_tokenizer_path,
     import substitute.quantizers
 
     tokenizers = capture(monkeypatch, adapt_run, "load_tokenizer")
-    quantizers = capture(monkeypatch, substitute.quantizers, "load_quantizer")
+    quantizers = capture(monkeypatch, substitute.quantizers.build, "load_quantizer")
     original = load_tokenizer(tiny_tokenizer_path)
     saved_quantizer = substitute.quantizers.build.load_quantizer(transplant_quantizer)
     out = tmp_path / "run"

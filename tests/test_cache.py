@@ -266,9 +266,27 @@ def test_build_bf16_channels_last_close(tmp_path, demo_shards, tiny_tokenizer_pa
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
 
 
+def test_build_tf32_records_precision(tmp_path, demo_shards, tiny_tokenizer_path, tiny_tokenizer):
+    out = build(tmp_path / "c.zarr", demo_shards["eval"], tiny_tokenizer_path, tf32=True)
+    cache = open_cache(str(out))
+    expected = torch.stack(list(reference_latents(demo_shards["eval"], tiny_tokenizer).values()))
+
+    assert cache.attrs["provenance"]["encode_precision"] == "tf32"
+    # TensorFloat-32 exists only on CUDA devices, so on the CPU the latents are the float32 ones
+    torch.testing.assert_close(cache.latents(cache.keys), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_build_rejects_bf16_with_tf32(tmp_path, demo_shards, tiny_tokenizer_path):
+    cfg = BuildConfig(shards=(demo_shards["eval"],), tokenizer=tiny_tokenizer_path, out=str(tmp_path / "c.zarr"),
+                      bf16=True, tf32=True)
+    with pytest.raises(ValueError, match="--bf16 and --tf32"):
+        build_main(cfg)
+    assert not (tmp_path / "c.zarr").exists()
+
+
 @pytest.fixture(scope="module")
 def eval_store(tmp_path_factory, demo_shards, tiny_tokenizer_path) -> Path:
-    """A float16 cache of the demo eval shards, built once. Tests that change it work on a copy."""
+    """A cache of the demo eval shards with default options, built once. Tests that change it work on a copy."""
     return build(tmp_path_factory.mktemp("eval_store") / "c.zarr", demo_shards["eval"], tiny_tokenizer_path)
 
 
@@ -284,7 +302,8 @@ def test_build_records_provenance(eval_store, demo_shards, tiny_tokenizer):
     assert provenance["tokenizer"]["sha256"] == tiny_tokenizer.sha256
     assert provenance["tokenizer"]["config"]["vocab_size"] == 256
     assert provenance["preprocessing"]["center_crop"] == 64
-    assert provenance["dtype"] == "float16"
+    assert provenance["dtype"] == "float32"
+    assert provenance["encode_precision"] == "float32"
     assert [s["nsamples"] for s in attrs["shards"]] == [s.nsamples for s in load_index(demo_shards["eval"])]
     assert attrs["skips"] == {}
     assert "encoder output after quant_conv" in attrs["channel_order"]
@@ -312,7 +331,7 @@ def test_build_resume_redoes_one_shard(tmp_path, eval_store, demo_shards, tiny_t
 def test_build_rejects_other_inputs(tmp_path, eval_store, demo_shards, tiny_tokenizer_path):
     out = copy_store(eval_store, tmp_path)
     with pytest.raises(ValueError, match="dtype") as info:
-        build(out, demo_shards["eval"], tiny_tokenizer_path, dtype="float32")
+        build(out, demo_shards["eval"], tiny_tokenizer_path, dtype="float16")
     assert "new --out" in str(info.value)
     with pytest.raises(ValueError, match="shard_index_sha256"):
         build(out, demo_shards["train"], tiny_tokenizer_path)
@@ -396,7 +415,7 @@ def test_verify_accepts_built_store(eval_store, demo_shards, tiny_tokenizer, cap
 
     assert report.errors == []
     assert report.summary["stored_latents"] == 13
-    assert storage["raw_bytes_per_latent"] == 32 * 16 * 16 * 2
+    assert storage["raw_bytes_per_latent"] == 32 * 16 * 16 * 4  # float32
     assert 0 < storage["bytes_per_latent"] < 2 * storage["raw_bytes_per_latent"]
     assert len(report.summary["channel_stats"]["latents"]["std"]) == 32
     assert verify_main([str(eval_store)]) == 0

@@ -92,7 +92,7 @@ def assert_same_store(got: Path, expected: Path) -> None:
 
 @pytest.fixture(scope="module")
 def eval_store(tmp_path_factory, demo_shards, tiny_tokenizer_path) -> Path:
-    """A float16 cache of the two demo eval shards (13 samples), built once in this process with one thread."""
+    """A cache of the two demo eval shards (13 samples), built once in this process with one thread."""
     out = tmp_path_factory.mktemp("faults_eval") / "c.zarr"
     return Path(build_here(str(out), demo_shards["eval"], tiny_tokenizer_path))
 

@@ -13,6 +13,7 @@ from substitute.quantizers.build import (
     build_quantizer,
     check_quantizer_tokenizer,
     load_quantizer,
+    resolve_quantizer,
     save_quantizer,
 )
 from substitute.quantizers.ema import EMACodebook
@@ -39,5 +40,6 @@ __all__ = [
     "check_quantizer_tokenizer",
     "is_factory_spec",
     "load_quantizer",
+    "resolve_quantizer",
     "save_quantizer",
 ]

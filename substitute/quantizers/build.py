@@ -230,3 +230,12 @@ def check_quantizer_tokenizer(quantizer: nn.Module, tokenizer_sha256: str | None
             f"quantizer {source} was trained on latents of tokenizer sha256 {trained_on}, but the tokenizer given "
             f"has sha256 {tokenizer_sha256}; use the tokenizer whose latent cache trained it"
         )
+
+
+def resolve_quantizer(source: str, tokenizer: nn.Module, flag: str = "--quantizer") -> nn.Module:
+    """Return the tokenizer's own quantizer for "native", else load `source` and check its tokenizer provenance."""
+    if source == "native":
+        return tokenizer.quantizer
+    quantizer = load_quantizer(source)
+    check_quantizer_tokenizer(quantizer, getattr(tokenizer, "sha256", None), f"{flag} {source}")
+    return quantizer

@@ -1,0 +1,202 @@
+"""Measure how much float16 storage and faster encoder precisions change the quantizer indices of a cache.
+
+    python -m cache.precision --shards data/train.json --tokenizer vae.pth --quantizer native runs/mmd [--limit 512]
+
+The reference encodes in IEEE float32 and keeps float32 latents, which is what `cache/build.py` does by default.
+Each variant changes one choice: float16 storage (`--dtype float16`), bfloat16 autocast (`--bf16`) and, on CUDA
+devices only, TensorFloat-32 convolutions (`--tf32`). For every quantizer it prints the percentage of indices that
+differ from the reference's, a bootstrap 95% interval over images, and the relative change of the quantization
+error E.
+
+A latent near the boundary between two codes changes index under a tiny perturbation. In a multi-scale quantizer
+that change also alters the residual of every finer scale, so one flip at a coarse scale can move many indices.
+Codebooks whose codes sit closer together (larger or better used ones) therefore flip more often.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from cache.encode import Encoder
+from common.config import exit_on_input_error, parse_config
+from common.precision import float32_precision
+from common.tokenizer import VQVAE, load_tokenizer
+from shards.index import resolve_shards
+from shards.read import SkipLog, iter_samples
+
+log = logging.getLogger("cache.precision")
+
+
+@dataclass
+class PrecisionConfig:
+    """Measure the share of quantizer indices that float16 storage and faster encoder precisions change."""
+
+    shards: tuple[str, ...] = field(metadata={
+        "help": "a shard-index JSON, brace patterns such as 'train-{0000..0099}.tar', or a list of shard URLs"})
+    tokenizer: str = field(metadata={"help": "tokenizer checkpoint: VAR .pth, or this tool's .safetensors"})
+    quantizer: tuple[str, ...] = field(default=("native",), metadata={
+        "help": "quantizers to measure: 'native' for the tokenizer's own, or substitution run directories"})
+    limit: int = field(default=512, metadata={"help": "images to encode, taken in order from the start of the shards"})
+    batch_size: int = field(default=32, metadata={"help": "images per encoder call"})
+    device: str = field(default="auto", metadata={"help": "torch device; 'auto' takes CUDA when available"})
+    resamples: int = field(default=2000, metadata={"help": "bootstrap resamples of the images for the 95% interval"})
+    seed: int = field(default=0, metadata={"help": "seed of the bootstrap resampling"})
+    json: str | None = field(default=None, metadata={"help": "also write the figures to this JSON file"})
+
+
+def variants_for(device: torch.device) -> dict[str, dict[str, Any]]:
+    """Return each variant's Encoder options and stored dtype. TensorFloat-32 exists only on CUDA devices."""
+    variants = {
+        "float16 storage": {"encoder": {"bf16": False, "tf32": False}, "dtype": torch.float16},
+        "bf16 autocast encoder": {"encoder": {"bf16": True, "tf32": False}, "dtype": torch.float32},
+    }
+    if device.type == "cuda":
+        variants["tf32 encoder"] = {"encoder": {"bf16": False, "tf32": True}, "dtype": torch.float32}
+    return variants
+
+
+def image_batches(cfg: PrecisionConfig, image_size: int, skips: SkipLog) -> Iterator[torch.Tensor]:
+    """Yield batches (b, 3, R, R) of the first `cfg.limit` good images of the shard set."""
+    urls = [shard.url for shard in resolve_shards(" ".join(cfg.shards))]
+    batch: list[torch.Tensor] = []
+    count = 0
+    for sample in iter_samples(urls, image_size, skips):
+        batch.append(sample["image"])
+        count += 1
+        if len(batch) == cfg.batch_size or count == cfg.limit:
+            yield torch.stack(batch)
+            batch = []
+        if count == cfg.limit:
+            return
+    if batch:
+        yield torch.stack(batch)
+
+
+class IndexChanges:
+    """Per-image share of indices that differ from the reference, and the E sums of both runs."""
+
+    def __init__(self) -> None:
+        self.per_image: list[np.ndarray] = []
+        self.squared_error = {"reference": 0.0, "variant": 0.0}
+
+    def update(self, reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+               variant: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Add one batch given as (z_e, z_q, indices) of the reference and of the variant."""
+        (z_ref, q_ref, idx_ref), (z_var, q_var, idx_var) = reference, variant
+        changed = (idx_ref != idx_var).reshape(idx_ref.shape[0], -1).double().mean(dim=1)
+        self.per_image.append(changed.cpu().numpy())
+        self.squared_error["reference"] += float((q_ref.double() - z_ref.double()).square().sum())
+        self.squared_error["variant"] += float((q_var.double() - z_var.double()).square().sum())
+
+    def summary(self, resamples: int, rng: np.random.Generator) -> dict[str, float]:
+        per_image = np.concatenate(self.per_image)
+        low, high = bootstrap_interval(per_image, resamples, rng)
+        e_ref, e_var = self.squared_error["reference"], self.squared_error["variant"]
+        return {
+            "changed_percent": 100 * float(per_image.mean()),
+            "interval_percent": [100 * low, 100 * high],
+            "images_with_changes": int((per_image > 0).sum()),
+            "E_change_percent": 100 * (e_var - e_ref) / e_ref if e_ref else 0.0,
+        }
+
+
+def bootstrap_interval(values: np.ndarray, resamples: int, rng: np.random.Generator) -> tuple[float, float]:
+    """Return the 2.5 and 97.5 percentiles of the mean of `values` over bootstrap resamples."""
+    if resamples < 1 or values.size < 2:
+        return float(values.mean()), float(values.mean())
+    means = []
+    # blocks of resamples keep the index matrix small for large image counts
+    for start in range(0, resamples, 100):
+        picks = rng.integers(0, values.size, size=(min(100, resamples - start), values.size))
+        means.append(values[picks].mean(axis=1))
+    low, high = np.percentile(np.concatenate(means), [2.5, 97.5])
+    return float(low), float(high)
+
+
+def encode(encoder: Encoder, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Encode as `cache/build.py` would and return the latents as a reader of a `dtype` cache gets them."""
+    latents = torch.from_numpy(encoder(images)["latents"])
+    return latents.to(dtype).float()
+
+
+def measure(cfg: PrecisionConfig) -> dict[str, Any]:
+    """Encode the images once per precision, quantize every version and compare the indices."""
+    if cfg.limit < 1 or cfg.batch_size < 1:
+        raise ValueError(f"--limit {cfg.limit} / --batch-size {cfg.batch_size}: both must be at least 1")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    tokenizer: VQVAE = load_tokenizer(cfg.tokenizer)
+    from substitute.quantizers import resolve_quantizer
+
+    quantizers = {source: resolve_quantizer(source, tokenizer).to(device).eval() for source in cfg.quantizer}
+    encoders = {"reference": Encoder(tokenizer, device, hflip=False, bf16=False, channels_last=False)}
+    variants = variants_for(device)
+    for name, variant in variants.items():
+        encoders[name] = Encoder(tokenizer, device, hflip=False, channels_last=False, **variant["encoder"])
+
+    changes = {(source, name): IndexChanges() for source in quantizers for name in variants}
+    largest_change = dict.fromkeys(variants, 0.0)
+    skips = SkipLog()
+    images_seen = 0
+    for images in image_batches(cfg, tokenizer.image_size, skips):
+        images_seen += images.shape[0]
+        reference = encode(encoders["reference"], images, torch.float32).to(device)
+        versions = {name: encode(encoders[name], images, v["dtype"]).to(device) for name, v in variants.items()}
+        for name, latents in versions.items():
+            largest_change[name] = max(largest_change[name], float((latents - reference).abs().max()))
+        # the quantizers always look up in IEEE float32, so only the latents differ between the runs
+        with torch.no_grad(), float32_precision("ieee"):
+            for source, quantizer in quantizers.items():
+                ref = (reference, *quantizer.quantize(reference))
+                for name, latents in versions.items():
+                    changes[source, name].update(ref, (latents, *quantizer.quantize(latents)))
+    if images_seen == 0:
+        raise ValueError(f"--shards {' '.join(cfg.shards)}: no readable images; skipped {skips.counts or 'none'}")
+
+    rng = np.random.default_rng(cfg.seed)
+    return {
+        "images": images_seen,
+        "device": str(device),
+        "skipped": dict(skips.counts),
+        "largest_latent_change": largest_change,
+        "quantizers": {
+            source: {name: changes[source, name].summary(cfg.resamples, rng) for name in variants}
+            for source in quantizers
+        },
+    }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"indices changed against IEEE float32 encoding and float32 storage, {report['images']} images "
+          f"on {report['device']}")
+    print(f"{'quantizer':<28} {'variant':<24} {'changed':>9} {'95% interval':>18} {'images':>7} {'E change':>9}")
+    for source, by_variant in report["quantizers"].items():
+        for name, row in by_variant.items():
+            low, high = row["interval_percent"]
+            interval = f"[{low:.3f}, {high:.3f}]%"
+            print(f"{source:<28} {name:<24} {row['changed_percent']:>8.3f}% {interval:>18} "
+                  f"{row['images_with_changes']:>7} {row['E_change_percent']:>+8.2f}%")
+    for name, change in report["largest_latent_change"].items():
+        print(f"largest latent change, {name}: {change:.3g}")
+    if report["skipped"]:
+        print(f"skipped samples by reason: {report['skipped']}")
+
+
+def main(cfg: PrecisionConfig) -> dict[str, Any]:
+    report = measure(cfg)
+    print_report(report)
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with exit_on_input_error():
+        main(parse_config(PrecisionConfig))
