@@ -18,15 +18,17 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
+from cache.build import load_frozen_tokenizer
 from cache.encode import Encoder
 from common.config import exit_on_input_error, parse_config
 from common.precision import float32_precision
-from common.tokenizer import VQVAE, load_tokenizer
+from common.tokenizer import VQVAE
 from shards.index import resolve_shards
 from shards.read import SkipLog, iter_samples
 
@@ -59,6 +61,18 @@ def variants_for(device: torch.device) -> dict[str, dict[str, Any]]:
     if device.type == "cuda":
         variants["tf32 encoder"] = {"encoder": {"bf16": False, "tf32": True}, "dtype": torch.float32}
     return variants
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: invalid device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    return device
 
 
 def image_batches(cfg: PrecisionConfig, image_size: int, skips: SkipLog) -> Iterator[torch.Tensor]:
@@ -129,8 +143,8 @@ def measure(cfg: PrecisionConfig) -> dict[str, Any]:
     """Encode the images once per precision, quantize every version and compare the indices."""
     if cfg.limit < 1 or cfg.batch_size < 1:
         raise ValueError(f"--limit {cfg.limit} / --batch-size {cfg.batch_size}: both must be at least 1")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    tokenizer: VQVAE = load_tokenizer(cfg.tokenizer)
+    device = resolve_device(cfg.device)
+    tokenizer: VQVAE = load_frozen_tokenizer(cfg.tokenizer)
     from substitute.quantizers import resolve_quantizer
 
     quantizers = {source: resolve_quantizer(source, tokenizer).to(device).eval() for source in cfg.quantizer}
@@ -188,6 +202,9 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(cfg: PrecisionConfig) -> dict[str, Any]:
+    # a missing output folder fails now rather than after the whole measurement
+    if cfg.json and not Path(cfg.json).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--json {cfg.json}: folder {Path(cfg.json).parent} not found; create it first")
     report = measure(cfg)
     print_report(report)
     if cfg.json:

@@ -149,3 +149,25 @@ def test_precision_names_missing_quantizer(tmp_path, demo_shards, tiny_tokenizer
                           quantizer=("native", str(tmp_path / "no_run")))
     with pytest.raises(FileNotFoundError, match="no_run"):
         precision_main(cfg)
+
+
+@pytest.mark.parametrize("device,message", [("cuda", "CUDA is not available"), ("gpu0", "invalid device name")])
+def test_precision_rejects_unusable_device(demo_shards, tiny_tokenizer_path, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = PrecisionConfig(shards=(demo_shards["eval"],), tokenizer=tiny_tokenizer_path, device=device)
+    with pytest.raises(ValueError, match=message):
+        precision_main(cfg)
+
+
+def test_precision_checks_json_folder_first(tmp_path, demo_shards, tiny_tokenizer_path):
+    cfg = PrecisionConfig(shards=(demo_shards["eval"],), tokenizer=tiny_tokenizer_path,
+                          json=str(tmp_path / "missing" / "report.json"))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        precision_main(cfg)
+
+
+def test_precision_names_missing_tokenizer(tmp_path, demo_shards):
+    cfg = PrecisionConfig(shards=(demo_shards["eval"],), tokenizer=str(tmp_path / "absent.safetensors"))
+    with pytest.raises(FileNotFoundError, match="--tokenizer .*absent.safetensors"):
+        precision_main(cfg)
