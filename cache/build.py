@@ -107,6 +107,20 @@ def store_exists(path: str) -> bool:
     return fs.exists(f"{root.rstrip('/')}/zarr.json")
 
 
+def resume_hint(attrs: dict) -> str:
+    """Return the stored build's dtype and precision options, e.g. " (--dtype float16 --bf16)"."""
+    provenance = attrs.get("provenance", {})
+    options = [f"--dtype {provenance['dtype']}"] if "dtype" in provenance else []
+    precision = provenance.get("encode_precision")
+    if precision == "bf16-autocast":
+        options.append("--bf16")
+    elif precision == "tf32":
+        options.append("--tf32")
+    if attrs.get("layout", {}).get("views", ["latents"])[1:]:
+        options.append("--hflip")
+    return f" ({' '.join(options)})" if options else ""
+
+
 def create_or_resume(cfg: BuildConfig, shards: list[ShardInfo], layout: Layout, provenance: dict) -> zarr.Group:
     """Create the store, or reopen an earlier build of the same inputs.
 
@@ -124,7 +138,8 @@ def create_or_resume(cfg: BuildConfig, shards: list[ShardInfo], layout: Layout, 
         lines = "\n  ".join(differences)
         raise ValueError(
             f"--out {cfg.out} contains a latent cache built from different inputs (stored -> requested):\n  {lines}\n"
-            "Give a new --out path, or delete the store to rebuild it."
+            f"To resume it, rerun with the options it was built with{resume_hint(group.attrs)}. "
+            "To build anew, give a new --out path or delete the store."
         )
 
     # the shard-index hash covers file names and counts only, so moved shards resume from their new location
@@ -223,12 +238,14 @@ def main(cfg: BuildConfig) -> None:
     accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    if cfg.tf32 and accelerator.device.type != "cuda":
+        log.warning("--tf32 has no effect without a CUDA device: this build encodes in IEEE float32")
 
     # every process loads the frozen encoder, but only the main process resolves the shard set and creates the store
     tokenizer = load_frozen_tokenizer(cfg.tokenizer)
     image_size = resolve_image_size(cfg, tokenizer)
     if accelerator.is_main_process:
-        shards = resolve_shards(" ".join(cfg.shards))
+        shards = resolve_shards(list(cfg.shards))
         C, _, _ = tokenizer.latent_shape
         side = image_size // tokenizer.config.downsample
         layout = plan_layout([s.nsamples for s in shards], (C, side, side), dtype=cfg.dtype,

@@ -44,10 +44,15 @@ class PrecisionConfig:
     tokenizer: str = field(metadata={"help": "tokenizer checkpoint: VAR .pth, or this tool's .safetensors"})
     quantizer: tuple[str, ...] = field(default=("native",), metadata={
         "help": "quantizers to measure: 'native' for the tokenizer's own, or substitution run directories"})
-    limit: int = field(default=512, metadata={"help": "images to encode, taken in order from the start of the shards"})
+    limit: int = field(default=512, metadata={
+        "help": "images to encode, taken in shard order from the start; give a validation or shuffled shard set so "
+                "they are a fair sample"})
+    hflip: bool = field(default=False, metadata={
+        "help": "also measure the horizontally flipped images, as a cache built with --hflip stores them"})
     batch_size: int = field(default=32, metadata={"help": "images per encoder call"})
     device: str = field(default="auto", metadata={"help": "torch device; 'auto' takes CUDA when available"})
-    resamples: int = field(default=2000, metadata={"help": "bootstrap resamples of the images for the 95% interval"})
+    resamples: int = field(default=2000, metadata={
+        "help": "bootstrap resamples of the images for the 95% interval (at least 100)"})
     seed: int = field(default=0, metadata={"help": "seed of the bootstrap resampling"})
     json: str | None = field(default=None, metadata={"help": "also write the figures to this JSON file"})
 
@@ -69,7 +74,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name}: invalid device name; use auto, cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: invalid device; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
     return device
@@ -77,19 +84,24 @@ def resolve_device(name: str) -> torch.device:
 
 def image_batches(cfg: PrecisionConfig, image_size: int, skips: SkipLog) -> Iterator[torch.Tensor]:
     """Yield batches (b, 3, R, R) of the first `cfg.limit` good images of the shard set."""
-    urls = [shard.url for shard in resolve_shards(" ".join(cfg.shards))]
+    urls = [shard.url for shard in resolve_shards(list(cfg.shards))]
     batch: list[torch.Tensor] = []
     count = 0
     for sample in iter_samples(urls, image_size, skips):
         batch.append(sample["image"])
         count += 1
         if len(batch) == cfg.batch_size or count == cfg.limit:
-            yield torch.stack(batch)
+            yield with_flips(torch.stack(batch), cfg.hflip)
             batch = []
         if count == cfg.limit:
             return
     if batch:
-        yield torch.stack(batch)
+        yield with_flips(torch.stack(batch), cfg.hflip)
+
+
+def with_flips(images: torch.Tensor, hflip: bool) -> torch.Tensor:
+    """Append the horizontally flipped images (b, 3, R, R) to the batch when `hflip` is set."""
+    return torch.cat([images, images.flip(-1)]) if hflip else images
 
 
 class IndexChanges:
@@ -133,34 +145,35 @@ def bootstrap_interval(values: np.ndarray, resamples: int, rng: np.random.Genera
     return float(low), float(high)
 
 
-def encode(encoder: Encoder, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Encode as `cache/build.py` would and return the latents as a reader of a `dtype` cache gets them."""
-    latents = torch.from_numpy(encoder(images)["latents"])
-    return latents.to(dtype).float()
-
-
 def measure(cfg: PrecisionConfig) -> dict[str, Any]:
     """Encode the images once per precision, quantize every version and compare the indices."""
     if cfg.limit < 1 or cfg.batch_size < 1:
         raise ValueError(f"--limit {cfg.limit} / --batch-size {cfg.batch_size}: both must be at least 1")
+    if cfg.resamples < 100:
+        raise ValueError(f"--resamples {cfg.resamples}: too few for a 95% interval; give at least 100")
     device = resolve_device(cfg.device)
     tokenizer: VQVAE = load_frozen_tokenizer(cfg.tokenizer)
     from substitute.quantizers import resolve_quantizer
 
     quantizers = {source: resolve_quantizer(source, tokenizer).to(device).eval() for source in cfg.quantizer}
-    encoders = {"reference": Encoder(tokenizer, device, hflip=False, bf16=False, channels_last=False)}
+    reference_encoder = Encoder(tokenizer, device, hflip=False, bf16=False, channels_last=False)
     variants = variants_for(device)
-    for name, variant in variants.items():
-        encoders[name] = Encoder(tokenizer, device, hflip=False, channels_last=False, **variant["encoder"])
+    # a variant that only stores differently reuses the reference encoding, so it gets no encoder of its own
+    encoders = {name: Encoder(tokenizer, device, hflip=False, channels_last=False, **variant["encoder"])
+                for name, variant in variants.items() if any(variant["encoder"].values())}
 
     changes = {(source, name): IndexChanges() for source in quantizers for name in variants}
     largest_change = dict.fromkeys(variants, 0.0)
     skips = SkipLog()
-    images_seen = 0
+    images_seen = 0  # flipped views included
     for images in image_batches(cfg, tokenizer.image_size, skips):
         images_seen += images.shape[0]
-        reference = encode(encoders["reference"], images, torch.float32).to(device)
-        versions = {name: encode(encoders[name], images, v["dtype"]).to(device) for name, v in variants.items()}
+        raw = torch.from_numpy(reference_encoder(images)["latents"])  # (b, C, h, w) float32
+        reference = raw.to(device)
+        versions = {}
+        for name, variant in variants.items():
+            latents = torch.from_numpy(encoders[name](images)["latents"]) if name in encoders else raw
+            versions[name] = latents.to(variant["dtype"]).float().to(device)
         for name, latents in versions.items():
             largest_change[name] = max(largest_change[name], float((latents - reference).abs().max()))
         # the quantizers always look up in IEEE float32, so only the latents differ between the runs
@@ -170,7 +183,7 @@ def measure(cfg: PrecisionConfig) -> dict[str, Any]:
                 for name, latents in versions.items():
                     changes[source, name].update(ref, (latents, *quantizer.quantize(latents)))
     if images_seen == 0:
-        raise ValueError(f"--shards {' '.join(cfg.shards)}: no readable images; skipped {skips.counts or 'none'}")
+        raise ValueError(f"--shards {' '.join(cfg.shards)}: no readable images; skipped {dict(skips.counts) or 'none'}")
 
     rng = np.random.default_rng(cfg.seed)
     return {
@@ -188,13 +201,15 @@ def measure(cfg: PrecisionConfig) -> dict[str, Any]:
 def print_report(report: dict[str, Any]) -> None:
     print(f"indices changed against IEEE float32 encoding and float32 storage, {report['images']} images "
           f"on {report['device']}")
-    print(f"{'quantizer':<28} {'variant':<24} {'changed':>9} {'95% interval':>18} {'images':>7} {'E change':>9}")
+    width = max(len("quantizer"), *(len(source) for source in report["quantizers"]))
+    print(f"{'quantizer':<{width}} {'variant':<24} {'changed':>9} {'95% interval':>18} {'images changed':>14} "
+          f"{'E change':>9}")
     for source, by_variant in report["quantizers"].items():
         for name, row in by_variant.items():
             low, high = row["interval_percent"]
             interval = f"[{low:.3f}, {high:.3f}]%"
-            print(f"{source:<28} {name:<24} {row['changed_percent']:>8.3f}% {interval:>18} "
-                  f"{row['images_with_changes']:>7} {row['E_change_percent']:>+8.2f}%")
+            print(f"{source:<{width}} {name:<24} {row['changed_percent']:>8.3f}% {interval:>18} "
+                  f"{row['images_with_changes']:>14} {row['E_change_percent']:>+8.2f}%")
     for name, change in report["largest_latent_change"].items():
         print(f"largest latent change, {name}: {change:.3g}")
     if report["skipped"]:
@@ -205,6 +220,8 @@ def main(cfg: PrecisionConfig) -> dict[str, Any]:
     # a missing output folder fails now rather than after the whole measurement
     if cfg.json and not Path(cfg.json).resolve().parent.is_dir():
         raise FileNotFoundError(f"--json {cfg.json}: folder {Path(cfg.json).parent} not found; create it first")
+    if cfg.json and Path(cfg.json).is_dir():
+        raise IsADirectoryError(f"--json {cfg.json} is a folder; give the path of the JSON file to write")
     report = measure(cfg)
     print_report(report)
     if cfg.json:

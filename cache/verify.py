@@ -204,6 +204,8 @@ def verify_store(path: str, shards: str | None = None, tokenizer_sha256: str | N
         "stored_latents": stored_rows,
         "latent_shape": list(layout.latent_shape),
         "dtype": layout.dtype,
+        # stores built before the encode precision was recorded have none
+        "encode_precision": group.attrs["provenance"].get("encode_precision"),
         "rows_per_shard_slot": layout.slot,
         "chunk_rows": layout.chunk_rows,
         "skips": group.attrs.get("skips", {}),
@@ -220,6 +222,7 @@ def format_report(report: VerifyReport) -> str:
     lines = [f"latent cache {report.path}: {'OK' if report.ok else 'FAILED'}"]
     lines.append(f"  {s['written_shards']}/{s['shards']} shards written, {s['stored_latents']} latents of "
                  f"{'x'.join(map(str, s['latent_shape']))} {s['dtype']}, skips {s['skips'] or 'none'}")
+    lines.append(f"  encoded in {s['encode_precision'] or 'an unrecorded precision'}")
     lines.append(f"  size on disk {s['storage']['total_bytes'] / 2**20:.2f} MiB")
     for view, stats in s["channel_stats"].items():
         storage = s["storage"][view]

@@ -46,7 +46,7 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -> None:
     base, optional = _base_type(tp)
-    help_text = f.metadata.get("help", "")
+    help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help text
     kwargs: dict[str, Any] = {"dest": f.name, "help": help_text, "default": argparse.SUPPRESS}
     if "choices" in f.metadata:
         kwargs["choices"] = list(f.metadata["choices"])

@@ -28,8 +28,15 @@ class ShardInfo:
 
 
 def expand_urls(spec: str | list[str]) -> list[str]:
-    """Expand brace patterns and comma- or space-separated lists into a flat list of URLs."""
-    parts = spec if isinstance(spec, list) else spec.replace(",", " ").split()
+    """Expand brace patterns and lists into a flat list of URLs.
+
+    A string is split at commas and spaces. The items of a list (one command-line argument each) are split at
+    commas only, so paths that contain spaces survive.
+    """
+    if isinstance(spec, str):
+        parts = spec.replace(",", " ").split()
+    else:
+        parts = [part for item in spec for part in item.split(",") if part]
     return [url for part in parts for url in braceexpand(part)]
 
 
@@ -103,6 +110,7 @@ def resolve_shards(spec: str | list[str]) -> list[ShardInfo]:
     """
     urls = expand_urls(spec)
     indexes = {url: load_index(url) for url in urls if url.endswith(".json")}
+    _reject_repeated_shards(urls, indexes)
     missing = [u for u in urls if u not in indexes and not _exists(u)]
     if missing:
         raise FileNotFoundError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -110,6 +118,17 @@ def resolve_shards(spec: str | list[str]) -> list[ShardInfo]:
     for url in urls:
         shards.extend(indexes[url] if url in indexes else build_index([url]))
     return shards
+
+
+def _reject_repeated_shards(urls: list[str], indexes: dict[str, list[ShardInfo]]) -> None:
+    """Raise if a shard appears twice in the list, which would encode or read every one of its samples twice."""
+    seen: set[str] = set()
+    for url in urls:
+        for shard in indexes[url] if url in indexes else [ShardInfo(url, 0, 0)]:
+            if shard.url in seen:
+                raise ValueError(f"shard {shard.url} appears more than once in the shard list; give each shard or "
+                                 "index once")
+            seen.add(shard.url)
 
 
 def index_hash(shards: list[ShardInfo]) -> str:

@@ -333,6 +333,7 @@ def test_build_rejects_other_inputs(tmp_path, eval_store, demo_shards, tiny_toke
     with pytest.raises(ValueError, match="dtype") as info:
         build(out, demo_shards["eval"], tiny_tokenizer_path, dtype="float16")
     assert "new --out" in str(info.value)
+    assert "rerun with the options it was built with (--dtype float32)" in str(info.value)
     with pytest.raises(ValueError, match="shard_index_sha256"):
         build(out, demo_shards["train"], tiny_tokenizer_path)
 
@@ -418,8 +419,11 @@ def test_verify_accepts_built_store(eval_store, demo_shards, tiny_tokenizer, cap
     assert storage["raw_bytes_per_latent"] == 32 * 16 * 16 * 4  # float32
     assert 0 < storage["bytes_per_latent"] < 2 * storage["raw_bytes_per_latent"]
     assert len(report.summary["channel_stats"]["latents"]["std"]) == 32
+    assert report.summary["encode_precision"] == "float32"
     assert verify_main([str(eval_store)]) == 0
-    assert "OK" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "OK" in output
+    assert "encoded in float32" in output
 
 
 def test_verify_channel_stats_match_latents(eval_store):

@@ -37,6 +37,24 @@ def test_float32_precision_restores_after_error():
     assert precision_flags() == before
 
 
+def test_float32_precision_legacy_flags(monkeypatch):
+    """Torch releases without the fp32_precision settings get the allow_tf32 flags."""
+
+    class LegacyCudnn:
+        allow_tf32 = True
+
+    class LegacyMatmul:
+        allow_tf32 = False
+
+    monkeypatch.setattr(torch.backends, "cudnn", LegacyCudnn)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", LegacyMatmul)
+    with float32_precision("ieee"):
+        assert (LegacyCudnn.allow_tf32, LegacyMatmul.allow_tf32) == (False, False)
+    with float32_precision("tf32"):
+        assert (LegacyCudnn.allow_tf32, LegacyMatmul.allow_tf32) == (True, True)
+    assert (LegacyCudnn.allow_tf32, LegacyMatmul.allow_tf32) == (True, False)
+
+
 def test_float32_precision_rejects_unknown_mode():
     with pytest.raises(ValueError, match="'fp16'"):
         with float32_precision("fp16"):
@@ -114,7 +132,7 @@ def independent_float16_changes(shards: str, tokenizer, limit: int) -> tuple[flo
 def test_precision_report_matches_direct_count(tmp_path, demo_shards, tiny_tokenizer_path, tiny_tokenizer,
                                                single_thread):
     cfg = PrecisionConfig(shards=(demo_shards["train"],), tokenizer=tiny_tokenizer_path, limit=20, batch_size=6,
-                          resamples=50, json=str(tmp_path / "report.json"))
+                          resamples=200, json=str(tmp_path / "report.json"))
     report = precision_main(cfg)
     native = report["quantizers"]["native"]
 
@@ -134,13 +152,15 @@ def test_precision_reads_several_indexes(demo_shards, tiny_tokenizer_path, singl
     train = sum(s.nsamples for s in load_index(demo_shards["train"]))
     evaluation = sum(s.nsamples for s in load_index(demo_shards["eval"]))
     cfg = PrecisionConfig(shards=(demo_shards["train"], demo_shards["eval"]), tokenizer=tiny_tokenizer_path,
-                          limit=1000, resamples=10)
+                          limit=1000, resamples=100)
     assert precision_main(cfg)["images"] == train + evaluation
 
 
-def test_precision_rejects_invalid_limit(demo_shards, tiny_tokenizer_path):
-    cfg = PrecisionConfig(shards=(demo_shards["eval"],), tokenizer=tiny_tokenizer_path, limit=0)
-    with pytest.raises(ValueError, match="--limit 0"):
+@pytest.mark.parametrize("options,message", [({"limit": 0}, "--limit 0"), ({"batch_size": -1}, "--batch-size -1"),
+                                             ({"resamples": 10}, "--resamples 10")])
+def test_precision_rejects_invalid_counts(demo_shards, tiny_tokenizer_path, options, message):
+    cfg = PrecisionConfig(shards=(demo_shards["eval"],), tokenizer=tiny_tokenizer_path, **options)
+    with pytest.raises(ValueError, match=message):
         precision_main(cfg)
 
 
@@ -151,7 +171,8 @@ def test_precision_names_missing_quantizer(tmp_path, demo_shards, tiny_tokenizer
         precision_main(cfg)
 
 
-@pytest.mark.parametrize("device,message", [("cuda", "CUDA is not available"), ("gpu0", "invalid device name")])
+@pytest.mark.parametrize("device,message", [("cuda", "CUDA is not available"), ("gpu0", "invalid device"),
+                                            ("meta", "invalid device")])
 def test_precision_rejects_unusable_device(demo_shards, tiny_tokenizer_path, device, message):
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -160,11 +181,28 @@ def test_precision_rejects_unusable_device(demo_shards, tiny_tokenizer_path, dev
         precision_main(cfg)
 
 
-def test_precision_checks_json_folder_first(tmp_path, demo_shards, tiny_tokenizer_path):
+def test_precision_checks_json_path_first(tmp_path, demo_shards, tiny_tokenizer_path):
     cfg = PrecisionConfig(shards=(demo_shards["eval"],), tokenizer=tiny_tokenizer_path,
                           json=str(tmp_path / "missing" / "report.json"))
     with pytest.raises(FileNotFoundError, match="missing"):
         precision_main(cfg)
+    cfg = PrecisionConfig(shards=(demo_shards["eval"],), tokenizer=tiny_tokenizer_path, json=str(tmp_path))
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        precision_main(cfg)
+
+
+def test_precision_help_prints(capsys):
+    from common.config import parse_config
+
+    with pytest.raises(SystemExit) as info:
+        parse_config(PrecisionConfig, ["--help"])
+    assert info.value.code == 0
+    assert "--resamples" in capsys.readouterr().out
+
+
+def test_precision_hflip_doubles_images(demo_shards, tiny_tokenizer_path, single_thread):
+    cfg = PrecisionConfig(shards=(demo_shards["eval"],), tokenizer=tiny_tokenizer_path, limit=5, hflip=True)
+    assert precision_main(cfg)["images"] == 10
 
 
 def test_precision_names_missing_tokenizer(tmp_path, demo_shards):

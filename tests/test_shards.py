@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,9 +81,34 @@ def test_resolve_counts_foreign_shards(tmp_path):
         resolve_shards(str(tmp_path / "foreign-{0000..0001}.tar"))
 
 
+def test_resolve_joins_several_indexes(demo_shards):
+    train, evaluation = load_index(demo_shards["train"]), load_index(demo_shards["eval"])
+    assert resolve_shards([demo_shards["train"], demo_shards["eval"]]) == train + evaluation
+    assert resolve_shards([demo_shards["eval"], train[0].url]) == evaluation + [train[0]]
+
+
+def test_resolve_rejects_repeated_shard(demo_shards):
+    first = load_index(demo_shards["train"])[0].url
+    with pytest.raises(ValueError, match="appears more than once"):
+        resolve_shards([demo_shards["train"], demo_shards["train"]])
+    with pytest.raises(ValueError, match="appears more than once"):
+        resolve_shards([demo_shards["train"], first])
+
+
+def test_resolve_keeps_spaces_in_paths(tmp_path, demo_shards):
+    folder = tmp_path / "my shards"
+    folder.mkdir()
+    source = load_index(demo_shards["eval"])[0]
+    target = folder / "one.tar"
+    target.write_bytes(Path(source.url).read_bytes())
+    [info] = resolve_shards([str(target)])
+    assert (info.url, info.nsamples) == (str(target), source.nsamples)
+
+
 def test_expand_and_hash():
     assert expand_urls("s-{00..02}.tar") == ["s-00.tar", "s-01.tar", "s-02.tar"]
     assert expand_urls("a.tar,b.tar") == ["a.tar", "b.tar"]
+    assert expand_urls(["my shards/a.tar", "b.tar,c-{0..1}.tar"]) == ["my shards/a.tar", "b.tar", "c-0.tar", "c-1.tar"]
     a = [ShardInfo("/data/s-00.tar", 10, 1), ShardInfo("/data/s-01.tar", 5, 1)]
     moved = [ShardInfo("s3://bucket/s-00.tar", 10, 1), ShardInfo("s3://bucket/s-01.tar", 5, 1)]
     recounted = [ShardInfo("/data/s-00.tar", 10, 1), ShardInfo("/data/s-01.tar", 4, 1)]

@@ -191,6 +191,27 @@ def test_load_missing_file_names_path(tmp_path):
         load_quantizer(tmp_path)
 
 
+@pytest.mark.parametrize("damage,message", [
+    ("json_syntax", "is not valid JSON"),
+    ("json_list", "is not a saved quantizer"),
+    ("weights_garbage", "is not a readable safetensors file"),
+    ("weights_other_size", "does not match the quantizer described"),
+])
+def test_load_damaged_quantizer_names_file(tmp_path, damage, message):
+    save_quantizer(build_quantizer("vanilla", layout="multiscale", codebook_size=8, dim=4), tmp_path / "q")
+    if damage == "json_syntax":
+        (tmp_path / "q.json").write_text("{not json")
+    elif damage == "json_list":
+        (tmp_path / "q.json").write_text("[1, 2]")
+    elif damage == "weights_garbage":
+        (tmp_path / "q.safetensors").write_bytes(b"junk")
+    else:
+        save_quantizer(build_quantizer("vanilla", layout="multiscale", codebook_size=16, dim=4), tmp_path / "other")
+        (tmp_path / "other.safetensors").replace(tmp_path / "q.safetensors")
+    with pytest.raises(ValueError, match=message):
+        load_quantizer(tmp_path / "q")
+
+
 def test_mmd_codebook_loss_is_gamma_times_mmd():
     quantizer = tiny_quantizer("mmd", "fixed", gamma=0.5, block_size=7)
     codebook = quantizer.codebooks()[0]

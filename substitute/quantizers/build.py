@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from common.fileio import atomic_save_safetensors, atomic_write_json
@@ -204,19 +205,31 @@ def load_quantizer(path: str | Path, map_location: str = "cpu") -> nn.Module:
                 f"quantizer file {required} not found; pass a run directory containing quantizer.safetensors and "
                 "quantizer.json, or the path prefix given to save_quantizer"
             )
-    document = json.loads(meta_path.read_text())
-    if document.get("format") != FILE_FORMAT:
-        raise ValueError(
-            f"{meta_path} is not a saved quantizer (format {document.get('format')!r}, expected {FILE_FORMAT!r})"
-        )
-    state = load_file(str(weights_path), device=map_location)
-    if "factory" in document["spec"]:
-        # An outside quantizer: import its factory again and load the weights into the outside module.
-        quantizer = build_external_from_spec(ExternalSpec.from_json(document["spec"]))
-        quantizer.module.load_state_dict(state, strict=True)
-    else:
-        quantizer = build_from_spec(QuantizerSpec.from_json(document["spec"]))
-        quantizer.load_state_dict(state, strict=True)
+    try:
+        document = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{meta_path} is not valid JSON ({error}); save the quantizer again or give another run "
+                         "directory") from None
+    found = document.get("format") if isinstance(document, dict) else None
+    if found != FILE_FORMAT:
+        raise ValueError(f"{meta_path} is not a saved quantizer (format {found!r}, expected {FILE_FORMAT!r})")
+    try:
+        state = load_file(str(weights_path), device=map_location)
+    except SafetensorError as error:
+        raise ValueError(f"{weights_path} is not a readable safetensors file ({error}); save the quantizer again or "
+                         "give another run directory") from None
+    try:
+        if "factory" in document["spec"]:
+            # An outside quantizer: import its factory again and load the weights into the outside module.
+            quantizer = build_external_from_spec(ExternalSpec.from_json(document["spec"]))
+            quantizer.module.load_state_dict(state, strict=True)
+        else:
+            quantizer = build_from_spec(QuantizerSpec.from_json(document["spec"]))
+            quantizer.load_state_dict(state, strict=True)
+    except (KeyError, TypeError, RuntimeError) as error:
+        # a missing spec field, or weights whose names or shapes differ from the spec's quantizer
+        raise ValueError(f"{weights_path} does not match the quantizer described in {meta_path}: "
+                         f"{str(error).splitlines()[0]}") from None
     quantizer.saved_stats = document.get("stats", {})
     quantizer.provenance = document.get("provenance", {})
     return quantizer
