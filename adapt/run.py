@@ -63,7 +63,8 @@ SCRATCH_STEPS = 400
 class AdaptConfig:
     """Fine-tune a tokenizer's decoder to a frozen transplanted quantizer (or train a demo tokenizer from scratch)."""
 
-    shards: str = field(metadata={"help": "training shards: shard-index JSON, brace pattern or comma list of URLs"})
+    shards: tuple[str, ...] = field(metadata={
+        "help": "training shards: shard-index JSONs, brace patterns such as 'train-{0000..0099}.tar', or shard URLs"})
     out: Path = field(metadata={"help": "run directory (resumed when it holds a checkpoint)"})
     cache: str | None = field(default=None, metadata={"help": "latent cache (Zarr) of the shards, built with the same tokenizer"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer checkpoint (VAR .pth or this tool's .safetensors)"})

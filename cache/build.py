@@ -85,19 +85,24 @@ def resolve_image_size(cfg: BuildConfig, tokenizer: VQVAE) -> int:
     return size
 
 
-def describe_build(cfg: BuildConfig, tokenizer: VQVAE, shards: list[ShardInfo], image_size: int) -> dict[str, Any]:
-    """Return the provenance attrs: everything that determines the stored latents, compared when resuming."""
-    precision = "float32"
+def encode_precision(cfg: BuildConfig, device_type: str) -> str:
+    """Return the precision the encoder really runs in on this device: TensorFloat-32 exists only on CUDA."""
     if cfg.bf16:
-        precision = "bf16-autocast"
-    elif cfg.tf32:
-        precision = "tf32"
+        return "bf16-autocast"
+    if cfg.tf32 and device_type == "cuda":
+        return "tf32"
+    return "ieee-float32"
+
+
+def describe_build(cfg: BuildConfig, tokenizer: VQVAE, shards: list[ShardInfo], image_size: int,
+                   device_type: str) -> dict[str, Any]:
+    """Return the provenance attrs: everything that determines the stored latents, compared when resuming."""
     return {
         "tokenizer": {"sha256": tokenizer.sha256, "config": tokenizer.config.to_json()},
         "preprocessing": transform_description(image_size),
         "image_size": image_size,
         "dtype": cfg.dtype,
-        "encode_precision": precision,
+        "encode_precision": encode_precision(cfg, device_type),
         "shard_index_sha256": index_hash(shards),
     }
 
@@ -107,18 +112,30 @@ def store_exists(path: str) -> bool:
     return fs.exists(f"{root.rstrip('/')}/zarr.json")
 
 
-def resume_hint(attrs: dict) -> str:
-    """Return the stored build's dtype and precision options, e.g. " (--dtype float16 --bf16)"."""
-    provenance = attrs.get("provenance", {})
-    options = [f"--dtype {provenance['dtype']}"] if "dtype" in provenance else []
-    precision = provenance.get("encode_precision")
-    if precision == "bf16-autocast":
-        options.append("--bf16")
-    elif precision == "tf32":
-        options.append("--tf32")
-    if attrs.get("layout", {}).get("views", ["latents"])[1:]:
-        options.append("--hflip")
-    return f" ({' '.join(options)})" if options else ""
+# build options that change the stored latents or the layout, which a resumed build must repeat
+RESUME_OPTIONS = ("dtype", "image_size", "chunk_rows", "hflip", "bf16", "tf32")
+
+
+def resume_hint(attrs: dict, cfg: BuildConfig) -> str:
+    """Return how to resume the stored build: the options of its first run that this run gives differently."""
+    if attrs.get("provenance", {}).get("encode_precision") == "float32":
+        # written before the precision was pinned, when GPU convolutions could silently run in TensorFloat-32
+        return ("It was started by an older version that did not record whether the encoder used TensorFloat-32, "
+                "so it cannot be resumed.")
+    first, flags = attrs.get("build_config", {}), []
+    for name in RESUME_OPTIONS:
+        if name not in first or first[name] == getattr(cfg, name):
+            continue
+        flag, value = "--" + name.replace("_", "-"), first[name]
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif value is None:
+            flags.append(f"no {flag}")
+        else:
+            flags.append(f"{flag} {value}")
+    if flags:
+        return f"To resume it, rerun with {', '.join(flags)}."
+    return "To resume it, rerun with the tokenizer and shards it was built from."
 
 
 def create_or_resume(cfg: BuildConfig, shards: list[ShardInfo], layout: Layout, provenance: dict) -> zarr.Group:
@@ -138,8 +155,7 @@ def create_or_resume(cfg: BuildConfig, shards: list[ShardInfo], layout: Layout, 
         lines = "\n  ".join(differences)
         raise ValueError(
             f"--out {cfg.out} contains a latent cache built from different inputs (stored -> requested):\n  {lines}\n"
-            f"To resume it, rerun with the options it was built with{resume_hint(group.attrs)}. "
-            "To build anew, give a new --out path or delete the store."
+            f"{resume_hint(group.attrs, cfg)} To build anew, give a new --out path or delete the store."
         )
 
     # the shard-index hash covers file names and counts only, so moved shards resume from their new location
@@ -250,7 +266,8 @@ def main(cfg: BuildConfig) -> None:
         side = image_size // tokenizer.config.downsample
         layout = plan_layout([s.nsamples for s in shards], (C, side, side), dtype=cfg.dtype,
                              chunk_rows=cfg.chunk_rows, hflip=cfg.hflip)
-        create_or_resume(cfg, shards, layout, describe_build(cfg, tokenizer, shards, image_size))
+        provenance = describe_build(cfg, tokenizer, shards, image_size, accelerator.device.type)
+        create_or_resume(cfg, shards, layout, provenance)
     accelerator.wait_for_everyone()
 
     # deal the unwritten shards round-robin. The second barrier keeps a fast process's new marks out of the plan

@@ -26,7 +26,7 @@ import torch
 
 from cache.build import load_frozen_tokenizer
 from cache.encode import Encoder
-from common.config import exit_on_input_error, parse_config
+from common.config import config_to_dict, exit_on_input_error, parse_config
 from common.precision import float32_precision
 from common.tokenizer import VQVAE
 from shards.index import resolve_shards
@@ -48,7 +48,8 @@ class PrecisionConfig:
         "help": "images to encode, taken in shard order from the start; give a validation or shuffled shard set so "
                 "they are a fair sample"})
     hflip: bool = field(default=False, metadata={
-        "help": "also measure the horizontally flipped images, as a cache built with --hflip stores them"})
+        "help": "also measure the horizontally flipped images, as a cache built with --hflip stores them; each "
+                "encoder call then takes twice --batch-size images"})
     batch_size: int = field(default=32, metadata={"help": "images per encoder call"})
     device: str = field(default="auto", metadata={"help": "torch device; 'auto' takes CUDA when available"})
     resamples: int = field(default=2000, metadata={
@@ -187,6 +188,7 @@ def measure(cfg: PrecisionConfig) -> dict[str, Any]:
 
     rng = np.random.default_rng(cfg.seed)
     return {
+        "config": config_to_dict(cfg),
         "images": images_seen,
         "device": str(device),
         "skipped": dict(skips.counts),
@@ -199,7 +201,8 @@ def measure(cfg: PrecisionConfig) -> dict[str, Any]:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    print(f"indices changed against IEEE float32 encoding and float32 storage, {report['images']} images "
+    views = " (flipped views included)" if report["config"]["hflip"] else ""
+    print(f"indices changed against IEEE float32 encoding and float32 storage, {report['images']} images{views} "
           f"on {report['device']}")
     width = max(len("quantizer"), *(len(source) for source in report["quantizers"]))
     print(f"{'quantizer':<{width}} {'variant':<24} {'changed':>9} {'95% interval':>18} {'images changed':>14} "

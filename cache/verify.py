@@ -147,9 +147,10 @@ def check_provenance(group: zarr.Group, layout: Layout, tokenizer_sha256: str | 
                              f"expected {tokenizer_sha256}")
 
 
-def check_shard_set(group: zarr.Group, spec: str, report: VerifyReport) -> None:
+def check_shard_set(group: zarr.Group, spec: str | list[str], report: VerifyReport) -> None:
     """Compare the store with a shard set: same index hash, and every shard's sample count."""
     shards = resolve_shards(spec)
+    spec = spec if isinstance(spec, str) else " ".join(spec)
     if index_hash(shards) != group.attrs["provenance"]["shard_index_sha256"]:
         report.errors.append(f"--shards {spec}: the index hash of this shard set differs from the cache's")
     stored = [int(s["nsamples"]) for s in group.attrs["shards"]]
@@ -177,7 +178,7 @@ def storage_summary(path: str, group: zarr.Group, layout: Layout, stored_rows: i
     return summary
 
 
-def verify_store(path: str, shards: str | None = None, tokenizer_sha256: str | None = None) -> VerifyReport:
+def verify_store(path: str, shards: str | list[str] | None = None, tokenizer_sha256: str | None = None) -> VerifyReport:
     """Run every check on the store at ``path`` and collect the inspect summary."""
     report = VerifyReport(path)
     group = open_store(path, mode="r")
@@ -240,7 +241,8 @@ def format_report(report: VerifyReport) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check a latent cache and summarise its contents.")
     parser.add_argument("store", help="path or URL of the Zarr store written by cache/build.py")
-    parser.add_argument("--shards", help="shard set the cache should match: index JSON, brace pattern or list")
+    parser.add_argument("--shards", nargs="+",
+                        help="shard set the cache should match: index JSONs, brace patterns or shard URLs")
     parser.add_argument("--tokenizer-sha256", help="sha256 of the tokenizer checkpoint the cache should come from")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     args = parser.parse_args(argv)

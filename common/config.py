@@ -82,7 +82,8 @@ def _coerce(value: Any, tp: Any) -> Any:
     if value is None:
         return None
     if typing.get_origin(base) is tuple:
-        return tuple(value)
+        # a config file may give a single value as a plain string, which tuple() would split into characters
+        return (value,) if isinstance(value, str) else tuple(value)
     if base is Path:
         return Path(value)
     return value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -85,7 +86,9 @@ def load_index(url: str) -> list[ShardInfo]:
     """Read a shard-index JSON; relative shard URLs are resolved against the index's own location."""
     fs, path = fsspec.core.url_to_fs(url)
     if not fs.isfile(path):
-        raise FileNotFoundError(f"shard index {url}: not found or not a file; give an index JSON written by `python -m shards.index`")
+        hint = " Give several indexes as separate arguments or separated by commas." if " " in url else ""
+        raise FileNotFoundError(f"shard index {url}: not found or not a file; give an index JSON written by "
+                                f"`python -m shards.index`.{hint}")
     with fs.open(path, "r") as f:
         try:
             data = json.load(f)
@@ -113,7 +116,9 @@ def resolve_shards(spec: str | list[str]) -> list[ShardInfo]:
     _reject_repeated_shards(urls, indexes)
     missing = [u for u in urls if u not in indexes and not _exists(u)]
     if missing:
-        raise FileNotFoundError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        hint = " Give several shards or indexes as separate arguments or separated by commas." if " " in missing[0] else ""
+        raise FileNotFoundError(f"shard not found: {missing[0]}{more}.{hint}")
     shards: list[ShardInfo] = []
     for url in urls:
         shards.extend(indexes[url] if url in indexes else build_index([url]))
@@ -125,10 +130,12 @@ def _reject_repeated_shards(urls: list[str], indexes: dict[str, list[ShardInfo]]
     seen: set[str] = set()
     for url in urls:
         for shard in indexes[url] if url in indexes else [ShardInfo(url, 0, 0)]:
-            if shard.url in seen:
+            # local paths are compared in absolute, normalised form, so "a/./x.tar" and "a/x.tar" are one shard
+            name = shard.url if "://" in shard.url else os.path.abspath(shard.url)
+            if name in seen:
                 raise ValueError(f"shard {shard.url} appears more than once in the shard list; give each shard or "
                                  "index once")
-            seen.add(shard.url)
+            seen.add(name)
 
 
 def index_hash(shards: list[ShardInfo]) -> str:

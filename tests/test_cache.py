@@ -266,14 +266,15 @@ def test_build_bf16_channels_last_close(tmp_path, demo_shards, tiny_tokenizer_pa
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
 
 
-def test_build_tf32_records_precision(tmp_path, demo_shards, tiny_tokenizer_path, tiny_tokenizer):
+def test_build_tf32_on_cpu_is_float32(tmp_path, demo_shards, tiny_tokenizer_path, tiny_tokenizer):
     out = build(tmp_path / "c.zarr", demo_shards["eval"], tiny_tokenizer_path, tf32=True)
     cache = open_cache(str(out))
     expected = torch.stack(list(reference_latents(demo_shards["eval"], tiny_tokenizer).values()))
 
-    assert cache.attrs["provenance"]["encode_precision"] == "tf32"
-    # TensorFloat-32 exists only on CUDA devices, so on the CPU the latents are the float32 ones
+    # TensorFloat-32 exists only on CUDA devices, so on the CPU the build records and stores IEEE float32
+    assert cache.attrs["provenance"]["encode_precision"] == "ieee-float32"
     torch.testing.assert_close(cache.latents(cache.keys), expected, rtol=1e-5, atol=1e-5)
+    build(out, demo_shards["eval"], tiny_tokenizer_path)  # the same latents, so a run without --tf32 resumes
 
 
 def test_build_rejects_bf16_with_tf32(tmp_path, demo_shards, tiny_tokenizer_path):
@@ -303,7 +304,7 @@ def test_build_records_provenance(eval_store, demo_shards, tiny_tokenizer):
     assert provenance["tokenizer"]["config"]["vocab_size"] == 256
     assert provenance["preprocessing"]["center_crop"] == 64
     assert provenance["dtype"] == "float32"
-    assert provenance["encode_precision"] == "float32"
+    assert provenance["encode_precision"] == "ieee-float32"
     assert [s["nsamples"] for s in attrs["shards"]] == [s.nsamples for s in load_index(demo_shards["eval"])]
     assert attrs["skips"] == {}
     assert "encoder output after quant_conv" in attrs["channel_order"]
@@ -333,9 +334,22 @@ def test_build_rejects_other_inputs(tmp_path, eval_store, demo_shards, tiny_toke
     with pytest.raises(ValueError, match="dtype") as info:
         build(out, demo_shards["eval"], tiny_tokenizer_path, dtype="float16")
     assert "new --out" in str(info.value)
-    assert "rerun with the options it was built with (--dtype float32)" in str(info.value)
-    with pytest.raises(ValueError, match="shard_index_sha256"):
+    assert "To resume it, rerun with --dtype float32." in str(info.value)
+    with pytest.raises(ValueError, match="chunk_rows") as info:
+        build(out, demo_shards["eval"], tiny_tokenizer_path, chunk_rows=32, hflip=True)
+    assert "rerun with --chunk-rows 64, --no-hflip." in str(info.value)
+    with pytest.raises(ValueError, match="shard_index_sha256") as info:
         build(out, demo_shards["train"], tiny_tokenizer_path)
+    assert "rerun with the tokenizer and shards it was built from" in str(info.value)
+
+
+def test_build_rejects_resuming_unpinned_precision(tmp_path, eval_store, demo_shards, tiny_tokenizer_path):
+    out = copy_store(eval_store, tmp_path)
+    group = zarr.open_group(str(out), mode="r+")
+    # stores written before the encoder precision was pinned recorded "float32", TensorFloat-32 or not
+    group.attrs["provenance"] = {**group.attrs["provenance"], "encode_precision": "float32"}
+    with pytest.raises(ValueError, match="older version .* cannot be resumed"):
+        build(out, demo_shards["eval"], tiny_tokenizer_path)
 
 
 def test_build_names_missing_tokenizer(tmp_path, demo_shards):
@@ -419,11 +433,11 @@ def test_verify_accepts_built_store(eval_store, demo_shards, tiny_tokenizer, cap
     assert storage["raw_bytes_per_latent"] == 32 * 16 * 16 * 4  # float32
     assert 0 < storage["bytes_per_latent"] < 2 * storage["raw_bytes_per_latent"]
     assert len(report.summary["channel_stats"]["latents"]["std"]) == 32
-    assert report.summary["encode_precision"] == "float32"
+    assert report.summary["encode_precision"] == "ieee-float32"
     assert verify_main([str(eval_store)]) == 0
     output = capsys.readouterr().out
     assert "OK" in output
-    assert "encoded in float32" in output
+    assert "encoded in ieee-float32" in output
 
 
 def test_verify_channel_stats_match_latents(eval_store):
@@ -454,6 +468,8 @@ def test_verify_checks_inputs(eval_store, demo_shards):
     errors = "\n".join(verify_store(str(eval_store), shards=demo_shards["train"], tokenizer_sha256="cc" * 32).errors)
     assert "index hash of this shard set differs" in errors
     assert "expected " + "cc" * 32 in errors
+    assert verify_main([str(eval_store), "--shards", demo_shards["eval"]]) == 0
+    assert verify_main([str(eval_store), "--shards", demo_shards["eval"], demo_shards["train"]]) == 1
 
 
 # two processes

@@ -202,7 +202,9 @@ def test_precision_help_prints(capsys):
 
 def test_precision_hflip_doubles_images(demo_shards, tiny_tokenizer_path, single_thread):
     cfg = PrecisionConfig(shards=(demo_shards["eval"],), tokenizer=tiny_tokenizer_path, limit=5, hflip=True)
-    assert precision_main(cfg)["images"] == 10
+    report = precision_main(cfg)
+    assert report["images"] == 10
+    assert report["config"]["hflip"] is True
 
 
 def test_precision_names_missing_tokenizer(tmp_path, demo_shards):

@@ -110,6 +110,16 @@ def test_rundir_reuses_config_only_folder(tmp_path):
         RunDir(tmp_path / "file")
 
 
+def test_config_file_single_string_for_tuple(tmp_path):
+    @dataclass
+    class ShardsConfig:
+        shards: tuple[str, ...]
+
+    (tmp_path / "c.yaml").write_text("shards: /data/train.json\n")
+    cfg = parse_config(ShardsConfig, ["--config", str(tmp_path / "c.yaml")])
+    assert cfg.shards == ("/data/train.json",)
+
+
 def test_config_file_errors_name_the_flag(tmp_path):
     with pytest.raises(SystemExit, match="--config .*nope.yaml: file not found"):
         parse_config(ToyConfig, ["--out", "r", "--config", str(tmp_path / "nope.yaml")])

@@ -93,6 +93,14 @@ def test_resolve_rejects_repeated_shard(demo_shards):
         resolve_shards([demo_shards["train"], demo_shards["train"]])
     with pytest.raises(ValueError, match="appears more than once"):
         resolve_shards([demo_shards["train"], first])
+    folder, name = first.rsplit("/", 1)
+    with pytest.raises(ValueError, match="appears more than once"):
+        resolve_shards([first, f"{folder}/./{name}"])
+
+
+def test_resolve_suggests_separate_arguments(demo_shards):
+    with pytest.raises(FileNotFoundError, match="separate arguments"):
+        resolve_shards([f"{demo_shards['train']} {demo_shards['eval']}"])
 
 
 def test_resolve_keeps_spaces_in_paths(tmp_path, demo_shards):

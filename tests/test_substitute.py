@@ -195,7 +195,8 @@ def test_load_missing_file_names_path(tmp_path):
     ("json_syntax", "is not valid JSON"),
     ("json_list", "is not a saved quantizer"),
     ("weights_garbage", "is not a readable safetensors file"),
-    ("weights_other_size", "does not match the quantizer described"),
+    ("weights_other_size", r"does not match the quantizer described .* torch.Size\(\[16, 4\]\)"),
+    ("json_without_spec", "has no quantizer spec"),
 ])
 def test_load_damaged_quantizer_names_file(tmp_path, damage, message):
     save_quantizer(build_quantizer("vanilla", layout="multiscale", codebook_size=8, dim=4), tmp_path / "q")
@@ -203,6 +204,10 @@ def test_load_damaged_quantizer_names_file(tmp_path, damage, message):
         (tmp_path / "q.json").write_text("{not json")
     elif damage == "json_list":
         (tmp_path / "q.json").write_text("[1, 2]")
+    elif damage == "json_without_spec":
+        document = json.loads((tmp_path / "q.json").read_text())
+        del document["spec"]
+        (tmp_path / "q.json").write_text(json.dumps(document))
     elif damage == "weights_garbage":
         (tmp_path / "q.safetensors").write_bytes(b"junk")
     else:

@@ -213,6 +213,8 @@ def load_quantizer(path: str | Path, map_location: str = "cpu") -> nn.Module:
     found = document.get("format") if isinstance(document, dict) else None
     if found != FILE_FORMAT:
         raise ValueError(f"{meta_path} is not a saved quantizer (format {found!r}, expected {FILE_FORMAT!r})")
+    if not isinstance(document.get("spec"), dict):
+        raise ValueError(f"{meta_path} has no quantizer spec; save the quantizer again or give another run directory")
     try:
         state = load_file(str(weights_path), device=map_location)
     except SafetensorError as error:
@@ -228,8 +230,8 @@ def load_quantizer(path: str | Path, map_location: str = "cpu") -> nn.Module:
             quantizer.load_state_dict(state, strict=True)
     except (KeyError, TypeError, RuntimeError) as error:
         # a missing spec field, or weights whose names or shapes differ from the spec's quantizer
-        raise ValueError(f"{weights_path} does not match the quantizer described in {meta_path}: "
-                         f"{str(error).splitlines()[0]}") from None
+        details = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise ValueError(f"{weights_path} does not match the quantizer described in {meta_path}: {details}") from None
     quantizer.saved_stats = document.get("stats", {})
     quantizer.provenance = document.get("provenance", {})
     return quantizer
