@@ -39,6 +39,7 @@ from adapt.perceptual import load_perceptual_loss
 from adapt.training import MetricWindow, Trainer, read_training_state, restore_training_state, training_state
 from common.config import config_to_dict, exit_on_input_error, parse_config
 from common.preprocess import transform_description
+from common.processes import end_processes
 from common.quantize import FixedScaleQuantizer
 from common.rundir import RunDir
 from common.tokenizer import PRESETS, build_tokenizer, load_tokenizer, save_tokenizer
@@ -394,7 +395,10 @@ def main(cfg: AdaptConfig) -> dict[str, Any]:
             save_samples(setup, first_batch, run.path / "samples.png")
             report["outputs"]["samples"] = str(run.path / "samples.png")
         run.write_report(report)
-    accelerator.wait_for_everyone()
+
+    # The DDP wrappers keep the process group alive, so they go before the group is torn down.
+    del model, optimizer, trainer
+    end_processes(accelerator)
     return report
 
 

@@ -37,6 +37,7 @@ from cache.store import (
 )
 from common.config import config_to_dict, exit_on_input_error, parse_config
 from common.preprocess import transform_description
+from common.processes import end_processes
 from common.tokenizer import VQVAE, load_tokenizer
 from shards.index import ShardInfo, index_hash, resolve_shards
 from shards.read import shards_for_rank
@@ -297,7 +298,7 @@ def main(cfg: BuildConfig) -> None:
         check_all_written(cfg, group)
         totals = finish_store(cfg, group)
         print_summary(cfg, group, encoded, seconds, totals)
-    accelerator.end_training()
+    end_processes(accelerator)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from common.config import config_to_dict, exit_on_input_error, parse_config
 from common.precision import float32_precision
 from common.preprocess import to_uint8, transform_description
+from common.processes import end_processes
 from common.rundir import RunDir
 from common.tokenizer import VQVAE, load_tokenizer
 from common.weights import WeightFile, inception_file, lpips_vgg_file, require_weights
@@ -269,7 +270,7 @@ def main(cfg: EvalConfig) -> dict[str, Any] | None:
     shared = count_shared_keys(keys, accelerator)
     skipped = gather_object([dict(skips.counts)])
     seconds = time.perf_counter() - start
-    accelerator.end_training()
+    end_processes(accelerator)
     if run is None:
         return None
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from cache import open_cache
 from common.checkpoint import flatten_state, unflatten_state
 from common.config import config_to_dict, exit_on_input_error, parse_config
+from common.processes import end_processes
 from common.quantize import VAR_PATCH_NUMS, QuantizerOutput, usage_counts
 from common.rundir import RunDir
 from substitute.data import LatentSource, PreloadedLatents, eval_batches, shard_sizes, steps_per_epoch, train_loader
@@ -455,10 +456,9 @@ def main(cfg: SubstituteConfig) -> dict:
         run.write_report(report)
     accelerator.print(f"substitution done after {step} steps: {format_stats(stats)}")
 
-    # Tear the process group down explicitly: leaving it to interpreter exit can abort a process whose peer
-    # closed its connections first ("terminate called without an active exception").
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # The DDP wrapper keeps the process group alive, so it goes before the group is torn down.
+    del model, optimizer
+    end_processes(accelerator)
     return report
 
 
