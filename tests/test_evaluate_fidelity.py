@@ -87,7 +87,9 @@ def test_fidelity_matches_calculate_metrics(inception_file):
     assert result["r_fid"] == pytest.approx(expected["frechet_inception_distance"], rel=1e-5)
     assert expected["inception_score_mean"] > 1.01
     assert result["r_is"] == pytest.approx(expected["inception_score_mean"], rel=1e-6)
-    assert result["r_is_std"] == pytest.approx(expected["inception_score_std"], rel=1e-5, abs=1e-9)
+    # the spread of nearly equal split scores carries rounding error of the order of the scores, not of the spread
+    score_scale = expected["inception_score_mean"]
+    assert result["r_is_std"] == pytest.approx(expected["inception_score_std"], abs=1e-6 * score_scale)
 
 
 def test_fidelity_counts_repeated_key_once_for_is(inception_file):
@@ -157,7 +159,9 @@ def test_run_all_metrics_one_and_two_processes(demo_shards, tiny_tokenizer_path,
     assert double["keys_scored_by_several_processes"] == 0
     assert double["utilization"] == single["utilization"]
     assert double["grid"]["keys"] == single["grid"]["keys"]
+    # The decoder's float32 rounding depends on the batch each process forms, so a few uint8 pixels may differ.
+    # SSIM is near 0 for an untrained tokenizer, so it needs an absolute bound as well.
     for name in ("E", "PSNR", "SSIM", "LPIPS", "r-IS"):
-        assert double["metrics"][name] == pytest.approx(single["metrics"][name], rel=1e-5), name
+        assert double["metrics"][name] == pytest.approx(single["metrics"][name], rel=1e-5, abs=1e-5), name
     # four samples give a covariance of rank 3 out of 2048, whose near-zero eigenvalues carry rounding noise
     assert double["metrics"]["r-FID"] == pytest.approx(single["metrics"]["r-FID"], rel=1e-3)
