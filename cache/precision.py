@@ -49,7 +49,8 @@ class PrecisionConfig:
                 "they are a fair sample"})
     hflip: bool = field(default=False, metadata={
         "help": "also measure the horizontally flipped images, as a cache built with --hflip stores them; each "
-                "encoder call then takes twice --batch-size images"})
+                "encoder call then takes twice --batch-size images, and the bootstrap resamples an image together "
+                "with its flip"})
     batch_size: int = field(default=32, metadata={"help": "images per encoder call"})
     device: str = field(default="auto", metadata={"help": "torch device; 'auto' takes CUDA when available"})
     resamples: int = field(default=2000, metadata={
@@ -106,9 +107,14 @@ def with_flips(images: torch.Tensor, hflip: bool) -> torch.Tensor:
 
 
 class IndexChanges:
-    """Per-image share of indices that differ from the reference, and the E sums of both runs."""
+    """Per-image share of indices that differ from the reference, and the E sums of both runs.
 
-    def __init__(self) -> None:
+    With `views` = 2 each batch holds b images followed by their b flips, as `with_flips` builds it. An image and
+    its flip are not independent samples, so they count as one image whose share is the mean over both views.
+    """
+
+    def __init__(self, views: int = 1) -> None:
+        self.views = views
         self.per_image: list[np.ndarray] = []
         self.squared_error = {"reference": 0.0, "variant": 0.0}
 
@@ -116,7 +122,8 @@ class IndexChanges:
                variant: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         """Add one batch given as (z_e, z_q, indices) of the reference and of the variant."""
         (z_ref, q_ref, idx_ref), (z_var, q_var, idx_var) = reference, variant
-        changed = (idx_ref != idx_var).reshape(idx_ref.shape[0], -1).double().mean(dim=1)
+        changed = (idx_ref != idx_var).reshape(self.views, idx_ref.shape[0] // self.views, -1).double()
+        changed = changed.mean(dim=(0, 2))
         self.per_image.append(changed.cpu().numpy())
         self.squared_error["reference"] += float((q_ref.double() - z_ref.double()).square().sum())
         self.squared_error["variant"] += float((q_var.double() - z_var.double()).square().sum())
@@ -163,7 +170,8 @@ def measure(cfg: PrecisionConfig) -> dict[str, Any]:
     encoders = {name: Encoder(tokenizer, device, hflip=False, channels_last=False, **variant["encoder"])
                 for name, variant in variants.items() if any(variant["encoder"].values())}
 
-    changes = {(source, name): IndexChanges() for source in quantizers for name in variants}
+    views = 2 if cfg.hflip else 1
+    changes = {(source, name): IndexChanges(views) for source in quantizers for name in variants}
     largest_change = dict.fromkeys(variants, 0.0)
     skips = SkipLog()
     images_seen = 0  # flipped views included
@@ -201,9 +209,11 @@ def measure(cfg: PrecisionConfig) -> dict[str, Any]:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    views = " (flipped views included)" if report["config"]["hflip"] else ""
-    print(f"indices changed against IEEE float32 encoding and float32 storage, {report['images']} images{views} "
-          f"on {report['device']}")
+    if report["config"]["hflip"]:
+        images = f"{report['images'] // 2} images and their flips (counted together)"
+    else:
+        images = f"{report['images']} images"
+    print(f"indices changed against IEEE float32 encoding and float32 storage, {images} on {report['device']}")
     width = max(len("quantizer"), *(len(source) for source in report["quantizers"]))
     print(f"{'quantizer':<{width}} {'variant':<24} {'changed':>9} {'95% interval':>18} {'images changed':>14} "
           f"{'E change':>9}")

@@ -109,6 +109,21 @@ def test_index_changes_counts_per_image():
     assert summary["E_change_percent"] == 0.0
 
 
+def test_index_changes_pairs_image_with_flip():
+    z = torch.zeros(4, 1, 2, 2)
+    # two images followed by their two flips, four indices each
+    reference_idx = torch.arange(16).reshape(4, 4)
+    variant_idx = reference_idx.clone()
+    variant_idx[3, 0] = 99  # one index of the second image's flip
+    changes = IndexChanges(views=2)
+    changes.update((z, z + 1, reference_idx), (z, z + 1, variant_idx))
+
+    assert [share.tolist() for share in changes.per_image] == [[0.0, 0.125]]
+    summary = changes.summary(100, np.random.default_rng(0))
+    assert summary["changed_percent"] == pytest.approx(100 / 16)
+    assert summary["images_with_changes"] == 1
+
+
 def test_index_changes_e_change():
     z = torch.zeros(1, 1, 2, 2)
     idx = torch.zeros(1, 4, dtype=torch.long)
@@ -200,11 +215,12 @@ def test_precision_help_prints(capsys):
     assert "--resamples" in capsys.readouterr().out
 
 
-def test_precision_hflip_doubles_images(demo_shards, tiny_tokenizer_path, single_thread):
+def test_precision_hflip_doubles_images(demo_shards, tiny_tokenizer_path, single_thread, capsys):
     cfg = PrecisionConfig(shards=(demo_shards["eval"],), tokenizer=tiny_tokenizer_path, limit=5, hflip=True)
     report = precision_main(cfg)
     assert report["images"] == 10
     assert report["config"]["hflip"] is True
+    assert "5 images and their flips" in capsys.readouterr().out
 
 
 def test_precision_names_missing_tokenizer(tmp_path, demo_shards):
