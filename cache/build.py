@@ -56,7 +56,8 @@ class BuildConfig:
     dtype: str = field(default="float32", metadata={
         "help": "stored latent dtype. float16 halves the disk but moves some multi-scale indices; measure it on your "
                 "data with python -m cache.precision", "choices": DTYPES})
-    batch_size: int = field(default=32, metadata={"help": "images per encoder call, per process"})
+    batch_size: int = field(default=32, metadata={
+        "help": "images per encoder call, per process (a different batch size may change the latents' last bits)"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes decoding images, per process"})
     hflip: bool = field(default=False, metadata={"help": "also store latents of horizontally flipped images"})
     strict: bool = field(default=False, metadata={"help": "stop at the first bad sample instead of skipping it"})
@@ -66,23 +67,32 @@ class BuildConfig:
     bf16: bool = field(default=False, metadata={"help": "encode under bfloat16 autocast (changes the latents)"})
     tf32: bool = field(default=False, metadata={
         "help": "let GPU convolutions use TensorFloat-32 instead of IEEE float32 (changes the latents)"})
-    channels_last: bool = field(default=False, metadata={"help": "run the encoder in channels_last memory format"})
+    channels_last: bool = field(default=False, metadata={
+        "help": "run the encoder in channels_last memory format (may change the latents' last bits)"})
 
 
 def load_frozen_tokenizer(path: str) -> VQVAE:
     """Load the tokenizer, checking first that the file exists, because every process would fail on it."""
+    if "://" not in path and Path(path).is_dir():
+        raise IsADirectoryError(f"--tokenizer {path} is a folder. Give the path of the checkpoint file inside it")
     if "://" not in path and not Path(path).is_file():
         raise FileNotFoundError(f"--tokenizer {path}: file not found. Give the path of the tokenizer checkpoint")
     return load_tokenizer(path)
 
 
 def resolve_image_size(cfg: BuildConfig, tokenizer: VQVAE) -> int:
-    size = cfg.image_size or tokenizer.image_size
-    if size % tokenizer.config.downsample:
+    size = tokenizer.image_size if cfg.image_size is None else cfg.image_size
+    downsample = tokenizer.config.downsample
+    if size < downsample or size % downsample:
         raise ValueError(
-            f"--image-size {size} is not divisible by the tokenizer's downsampling factor "
-            f"{tokenizer.config.downsample}. Pick a multiple of it"
+            f"--image-size {size} is not a positive multiple of the tokenizer's downsampling factor {downsample}. "
+            f"Pick one, or leave the option out to use the tokenizer's own {tokenizer.image_size}"
         )
+    if size != tokenizer.image_size:
+        # the multi-scale quantizers' finest scale is the tokenizer's own latent side
+        log.warning("--image-size %d gives %dx%d latents, but the tokenizer's quantizers expect %dx%d from %d-pixel "
+                    "images", size, size // downsample, size // downsample, tokenizer.image_size // downsample,
+                    tokenizer.image_size // downsample, tokenizer.image_size)
     return size
 
 
@@ -115,6 +125,8 @@ def store_exists(path: str) -> bool:
 
 # build options that change the stored latents or the layout, which a resumed build must repeat
 RESUME_OPTIONS = ("dtype", "image_size", "chunk_rows", "hflip", "bf16", "tf32")
+# options that may change only the latents' last float bits: a resume with other values warns instead of failing
+ROUNDING_OPTIONS = ("batch_size", "channels_last")
 
 
 def resume_hint(attrs: dict, cfg: BuildConfig) -> str:
@@ -134,6 +146,10 @@ def resume_hint(attrs: dict, cfg: BuildConfig) -> str:
             flags.append(f"no {flag}")
         else:
             flags.append(f"{flag} {value}")
+    if attrs.get("complete"):
+        # nothing is left to resume, so the hint only lists the options it was built with
+        built_with = ", ".join(flags) if flags else "another tokenizer or shard set"
+        return f"It is complete and was built with {built_with}."
     if flags:
         return f"To resume it, rerun with {', '.join(flags)}."
     return "To resume it, rerun with the tokenizer and shards it was built from."
@@ -158,6 +174,13 @@ def create_or_resume(cfg: BuildConfig, shards: list[ShardInfo], layout: Layout, 
             f"--out {cfg.out} contains a latent cache built from different inputs (stored -> requested):\n  {lines}\n"
             f"{resume_hint(group.attrs, cfg)} To build anew, give a new --out path or delete the store."
         )
+
+    first = group.attrs.get("build_config", {})
+    for name in ROUNDING_OPTIONS:
+        if name in first and first[name] != getattr(cfg, name):
+            log.warning("--%s %s differs from the %s that wrote this store's first shards. The latents of the shards "
+                        "left keep their values but may differ in the last bits from an uninterrupted build's",
+                        name.replace("_", "-"), getattr(cfg, name), first[name])
 
     # the shard-index hash covers file names and counts only, so moved shards resume from their new location
     if stored_urls != [s.url for s in shards]:
@@ -197,10 +220,31 @@ def store_shard(group: zarr.Group, shard: int, url: str, buffer: ShardBuffer) ->
         log.error("shard %d (%s) not written because its tar file could not be read: %s. Replace the file and "
                   "rerun the same command to encode the missing shards", shard, url, buffer.tar_errors[0])
         return 0
+    check_sample_count(shard, url, int(group.attrs["shards"][shard]["nsamples"]), buffer)
     layout = layout_of(group)
     write_shard(group, shard, buffer.keys, buffer.views(layout.views, layout.latent_shape), buffer.skip_record())
     log.info("shard %d written: %d latents, skips %s", shard, len(buffer.keys), dict(buffer.skips.counts))
     return len(buffer.keys)
+
+
+def check_sample_count(shard: int, url: str, nsamples: int, buffer: ShardBuffer) -> None:
+    """Compare the samples read from the tar with the shard index's count, which sized the store.
+
+    More good samples than the index lists cannot be stored. Fewer samples and skips than it lists mean the tar
+    ends early at a member boundary, which reads as a valid tar: the missing ones are counted as skips.
+    """
+    read = len(buffer.keys) + sum(buffer.skips.counts.values())
+    if len(buffer.keys) > nsamples:
+        raise ValueError(
+            f"shard {shard} ({url}) contains {len(buffer.keys)} samples but the shard index lists {nsamples}. Rebuild "
+            "the index with python -m shards.index, then build into a new --out"
+        )
+    if read < nsamples:
+        buffer.skips.record({
+            "skip": "missing_samples", "key": None, "url": url,
+            "error": f"{nsamples - read} of the {nsamples} samples the shard index lists are not in the tar; the "
+                     "file may have been cut short. Replace it and build into a new --out",
+        }, count=nsamples - read)
 
 
 def check_all_written(cfg: BuildConfig, group: zarr.Group) -> None:
@@ -245,9 +289,12 @@ def print_summary(cfg: BuildConfig, group: zarr.Group, encoded: int, seconds: fl
 
 def main(cfg: BuildConfig) -> None:
     # a batch size below 1 would never fill a batch and encode each whole shard in one call
-    if cfg.batch_size < 1 or cfg.workers < 0:
-        raise ValueError(f"--batch-size {cfg.batch_size} / --workers {cfg.workers}: give a batch size of at least 1 "
-                         "and a worker count of at least 0")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size {cfg.batch_size}: give at least 1")
+    if cfg.workers < 0:
+        raise ValueError(f"--workers {cfg.workers}: give 0 (decode in the main process) or more")
+    if cfg.chunk_rows < 1:
+        raise ValueError(f"--chunk-rows {cfg.chunk_rows}: give at least 1")
     if cfg.bf16 and cfg.tf32:
         raise ValueError("--bf16 and --tf32 exclude each other: choose one encoder precision")
 
@@ -301,6 +348,15 @@ def main(cfg: BuildConfig) -> None:
     end_processes(accelerator)
 
 
+def check_out_outlives_process(out: str) -> None:
+    """Reject an in-memory --out on the command line, where the store would vanish when the build exits."""
+    if out.startswith("memory://"):
+        raise ValueError(f"--out {out}: an in-memory store is lost when this command exits, and other processes "
+                         "cannot see it. Give a path or a URL of persistent storage")
+
+
 if __name__ == "__main__":
     with exit_on_input_error():
-        main(parse_config(BuildConfig))
+        config = parse_config(BuildConfig)
+        check_out_outlives_process(config.out)
+        main(config)

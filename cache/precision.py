@@ -134,7 +134,8 @@ class IndexChanges:
         e_ref, e_var = self.squared_error["reference"], self.squared_error["variant"]
         return {
             "changed_percent": 100 * float(per_image.mean()),
-            "interval_percent": [100 * low, 100 * high],
+            # one image gives no spread to resample
+            "interval_percent": [100 * low, 100 * high] if per_image.size > 1 else None,
             "images_with_changes": int((per_image > 0).sum()),
             "E_change_percent": 100 * (e_var - e_ref) / e_ref if e_ref else 0.0,
         }
@@ -155,10 +156,14 @@ def bootstrap_interval(values: np.ndarray, resamples: int, rng: np.random.Genera
 
 def measure(cfg: PrecisionConfig) -> dict[str, Any]:
     """Encode the images once per precision, quantize every version and compare the indices."""
-    if cfg.limit < 1 or cfg.batch_size < 1:
-        raise ValueError(f"--limit {cfg.limit} / --batch-size {cfg.batch_size}: both must be at least 1")
+    if cfg.limit < 1:
+        raise ValueError(f"--limit {cfg.limit}: give at least 1")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size {cfg.batch_size}: give at least 1")
     if cfg.resamples < 100:
         raise ValueError(f"--resamples {cfg.resamples}: too few for a 95% interval; give at least 100")
+    if cfg.seed < 0:
+        raise ValueError(f"--seed {cfg.seed}: give 0 or more (numpy seeds are non-negative)")
     device = resolve_device(cfg.device)
     tokenizer: VQVAE = load_frozen_tokenizer(cfg.tokenizer)
     from substitute.quantizers import resolve_quantizer
@@ -219,8 +224,10 @@ def print_report(report: dict[str, Any]) -> None:
           f"{'E change':>9}")
     for source, by_variant in report["quantizers"].items():
         for name, row in by_variant.items():
-            low, high = row["interval_percent"]
-            interval = f"[{low:.3f}, {high:.3f}]%"
+            interval = "n/a (1 image)"
+            if row["interval_percent"] is not None:
+                low, high = row["interval_percent"]
+                interval = f"[{low:.3f}, {high:.3f}]%"
             print(f"{source:<{width}} {name:<24} {row['changed_percent']:>8.3f}% {interval:>18} "
                   f"{row['images_with_changes']:>14} {row['E_change_percent']:>+8.2f}%")
     for name, change in report["largest_latent_change"].items():

@@ -119,6 +119,8 @@ class LatentCache:
 
     def read_shard(self, shard: int, view: str = "latents") -> tuple[list[str], torch.Tensor]:
         """Return one shard's keys and latents (n, C, h, w) float32, in stored order, from one sequential read."""
+        if not 0 <= shard < len(self.shards):
+            raise IndexError(f"shard {shard} is out of range: latent cache {self.path} has {len(self.shards)} shards")
         record = self.shards[shard]
         if not record.written:
             raise IncompleteCacheError(f"shard {shard} ({record.url}) of latent cache {self.path} is not written")

@@ -190,6 +190,9 @@ def open_store(path: str, mode: str = "r") -> zarr.Group:
     try:
         group = zarr.open_group(path, mode=mode, storage_options=storage_options(path))
     except FileNotFoundError as err:
+        fs, root = fsspec.core.url_to_fs(path)
+        if fs.isfile(root):
+            raise FileNotFoundError(f"{path} is a file, not a latent cache: give the cache's folder") from err
         raise FileNotFoundError(f"no latent cache at {path}: build one with cache/build.py --out {path}") from err
     except json.JSONDecodeError as err:
         raise ValueError(f"latent cache {path} has a corrupt zarr.json ({err}); delete {path} and rebuild it") from err
@@ -220,11 +223,19 @@ def provenance_differences(stored: dict[str, Any], expected: dict[str, Any]) -> 
     # compare through JSON so tuples and lists, or ints and floats from YAML, count as equal
     stored = json.loads(json.dumps(stored))
     expected = json.loads(json.dumps(expected))
-    lines = []
-    for field in sorted(set(stored) | set(expected)):
-        if stored.get(field) != expected.get(field):
-            lines.append(f"{field}: {_short(stored.get(field))} -> {_short(expected.get(field))}")
-    return lines
+    return _differences(stored, expected, prefix="")
+
+
+def _differences(stored: Any, expected: Any, prefix: str) -> list[str]:
+    """Walk nested dicts so that a line names the innermost differing field, such as 'tokenizer.sha256'."""
+    if isinstance(stored, dict) and isinstance(expected, dict):
+        lines = []
+        for field in sorted(set(stored) | set(expected)):
+            lines += _differences(stored.get(field), expected.get(field), f"{prefix}{field}.")
+        return lines
+    if stored == expected:
+        return []
+    return [f"{prefix.rstrip('.')}: {_short(stored)} -> {_short(expected)}"]
 
 
 def _short(value: Any, limit: int = 120) -> str:

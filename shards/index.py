@@ -32,13 +32,27 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     """Expand brace patterns and lists into a flat list of URLs.
 
     A string is split at commas and spaces. The items of a list (one command-line argument each) are split at
-    commas only, so paths that contain spaces survive.
+    commas only, so paths that contain spaces survive. Commas inside braces, as in 'shard-{a,b}.tar', belong to
+    the brace pattern and do not split.
     """
-    if isinstance(spec, str):
-        parts = spec.replace(",", " ").split()
-    else:
-        parts = [part for item in spec for part in item.split(",") if part]
+    items = [spec] if isinstance(spec, str) else spec
+    separators = ", " if isinstance(spec, str) else ","
+    parts = [part for item in items for part in _split_outside_braces(item, separators) if part]
     return [url for part in parts for url in braceexpand(part)]
+
+
+def _split_outside_braces(text: str, separators: str) -> list[str]:
+    """Split `text` at any character of `separators` that is not inside {...}."""
+    parts, current, depth = [], [], 0
+    for char in text:
+        depth += (char == "{") - (char == "}")
+        if char in separators and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
 
 
 def sample_key(member_name: str) -> tuple[str, str]:

@@ -3,7 +3,7 @@
 The pipeline is a chain of small generators over webdataset's tar reader. Splitting is explicit: the caller
 passes the shards this process owns (see `shards_for_rank`), and loader workers split them further with
 webdataset's `split_by_worker`. A bad sample (undecodable image, missing image member, non-integer label, key with a
-dot, duplicate key, truncated tar) never stops the stream: it becomes a *skip record* `{"skip": reason, "key", "url", "error"}`
+dot, duplicate key, members not adjacent in the tar, truncated tar) never stops the stream: it becomes a *skip record* `{"skip": reason, "key", "url", "error"}`
 that the consumer counts, logs and stores, so counts survive loader workers. Nothing sleeps on errors.
 """
 
@@ -36,10 +36,12 @@ class SkipLog:
         self.examples: list[dict] = []
         self.max_logged = max_logged
 
-    def record(self, skip: dict) -> None:
+    def record(self, skip: dict, count: int = 1) -> None:
+        """Count `count` samples under the record's reason; one record may stand for several missing samples."""
         if self.strict:
-            raise BadSampleError(f"bad sample in {skip['url']} key {skip['key']!r}: {skip['skip']} ({skip['error']})")
-        self.counts[skip["skip"]] += 1
+            raise BadSampleError(f"bad sample in {skip['url']} key {skip['key']!r}: {skip['skip']} ({skip['error']}). "
+                                 "Remove or fix it in the shard, or run without --strict to skip and count it")
+        self.counts[skip["skip"]] += count
         total = sum(self.counts.values())
         if total <= self.max_logged:
             log.warning("skipped %s key %r: %s (%s)", skip["url"], skip["key"], skip["skip"], skip["error"])
@@ -72,7 +74,7 @@ def _raw_samples(urls: list[str], split_workers: bool) -> Iterator[dict]:
         url = _url_of(exn) or current["url"]
         if url not in failed_urls:
             failed_urls.add(url)
-            pending.append({"skip": "unreadable_tar", "key": None, "url": url, "error": repr(exn)[:200]})
+            pending.append({"skip": "unreadable_tar", "key": None, "url": url, "error": describe_error(exn)})
         return True
 
     stages.append(partial(_open_shards, handler=on_error, current=current))
@@ -108,6 +110,15 @@ def _open_shards(sources: Iterable[dict], handler, current: dict) -> Iterator[di
             stream.close()
 
 
+def describe_error(err: BaseException) -> str:
+    """Return the error's type and message without memory addresses, at most 200 characters.
+
+    Skip records are stored in the cache, and an address such as `<_io.BytesIO object at 0x7f...>` would make two
+    builds of the same shards differ.
+    """
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(err).__name__}: {err}")[:200]
+
+
 def _url_of(exn: Exception) -> str | None:
     """Find the shard URL in a webdataset error, whose message or arguments name the file being read."""
     match = re.search(r"([^\s'\"<>]+\.tar)\b", repr(exn))
@@ -116,22 +127,25 @@ def _url_of(exn: Exception) -> str | None:
 
 def _decode(samples: Iterable[dict], image_size: int) -> Iterator[dict]:
     transform = var_transform(image_size)
-    seen: dict[str, set[str]] = {}
+    # fields of each key seen so far in the current shard; shards are read one after another, so one shard suffices
+    shard_url: str | None = None
+    fields_of: dict[str, set[str]] = {}
     for sample in samples:
         if "skip" in sample:
             yield sample
             continue
         key, url = sample["__key__"], sample.get("__url__")
+        if url != shard_url:
+            shard_url, fields_of = url, {}
         fields = [k for k in sample if not k.startswith("__")]
         if any("." in f for f in fields):
             # webdataset splits a member name at its first dot, so a key "a.b" shows up as fields "b.jpg" etc.
             yield {"skip": "key_with_dot", "key": f"{key}.{fields[0].split('.')[0]}", "url": url, "error": f"fields {fields}"}
             continue
-        keys_in_shard = seen.setdefault(url, set())
-        if key in keys_in_shard:
-            yield {"skip": "duplicate_key", "key": key, "url": url, "error": "key appears twice in the shard"}
+        if key in fields_of:
+            yield _repeated_key(key, url, fields_of[key], fields)
             continue
-        keys_in_shard.add(key)
+        fields_of[key] = set(fields)
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None:
             yield {"skip": "missing_image", "key": key, "url": url, "error": f"no image member among {fields}"}
@@ -140,14 +154,28 @@ def _decode(samples: Iterable[dict], image_size: int) -> Iterator[dict]:
             with Image.open(io.BytesIO(sample[ext])) as img:
                 image = transform(img)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-            yield {"skip": "undecodable_image", "key": key, "url": url, "error": repr(err)[:200]}
+            yield {"skip": "undecodable_image", "key": key, "url": url, "error": describe_error(err)}
             continue
         try:
             cls = int(sample["cls"].decode().strip()) if "cls" in sample else -1
         except (UnicodeDecodeError, ValueError) as err:
-            yield {"skip": "invalid_label", "key": key, "url": url, "error": repr(err)[:200]}
+            yield {"skip": "invalid_label", "key": key, "url": url, "error": describe_error(err)}
             continue
         yield {"key": key, "image": image, "cls": cls, "url": url}
+
+
+def _repeated_key(key: str, url: str | None, earlier: set[str], fields: list[str]) -> dict:
+    """Return the skip record for a key that comes back after other keys in the same shard.
+
+    webdataset groups only adjacent members into a sample. Disjoint fields mean one sample's members were spread
+    through the tar (as `tar cf shard.tar *.cls *.jpg` writes them), rather than two samples sharing a key.
+    """
+    if earlier.isdisjoint(fields):
+        return {"skip": "split_sample", "key": key, "url": url,
+                "error": f"members {sorted(earlier)} and {sorted(fields)} are not adjacent in the tar; webdataset "
+                         "reads a sample's members only when they follow each other, so rewrite the shard with "
+                         "each sample's files together, for example with GNU tar's --sort=name"}
+    return {"skip": "duplicate_key", "key": key, "url": url, "error": "key appears twice in the shard"}
 
 
 class ImageSamples(torch.utils.data.IterableDataset):

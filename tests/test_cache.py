@@ -19,8 +19,8 @@ from PIL import Image
 
 from cache import IncompleteCacheError, TokenizerMismatchError, open_cache
 from cache.build import BuildConfig, main as build_main
-from cache.store import create_store, mark_complete, plan_layout, write_shard
-from cache.verify import main as verify_main, verify_store
+from cache.store import create_store, mark_complete, plan_layout, provenance_differences, write_shard
+from cache.verify import format_report, main as verify_main, verify_store
 from common.config import InputError
 from shards.index import ShardInfo, load_index, write_index
 from shards.read import BadSampleError, iter_samples
@@ -174,6 +174,13 @@ def test_open_cache_rejects_other_tokenizer(tmp_path):
     assert "aa" * 32 in str(info.value)
     assert "bb" * 32 in str(info.value)
     assert len(open_cache(str(tmp_path / "c.zarr"), tokenizer_sha256="aa" * 32)) == 2
+
+
+def test_provenance_differences_name_inner_field():
+    config = {f"option_{i}": "a long value" for i in range(20)}  # far longer than a message line
+    stored = {"tokenizer": {"sha256": "aa", "config": config}, "image_size": 256}
+    expected = {"tokenizer": {"sha256": "bb", "config": config}, "image_size": 256}
+    assert provenance_differences(stored, expected) == ['tokenizer.sha256: "aa" -> "bb"']
 
 
 def test_open_cache_rejects_non_cache(tmp_path):
@@ -334,13 +341,19 @@ def test_build_rejects_other_inputs(tmp_path, eval_store, demo_shards, tiny_toke
     with pytest.raises(ValueError, match="dtype") as info:
         build(out, demo_shards["eval"], tiny_tokenizer_path, dtype="float16")
     assert "new --out" in str(info.value)
-    assert "To resume it, rerun with --dtype float32." in str(info.value)
-    with pytest.raises(ValueError, match="chunk_rows") as info:
-        build(out, demo_shards["eval"], tiny_tokenizer_path, chunk_rows=32, hflip=True)
-    assert "rerun with --chunk-rows 64, --no-hflip." in str(info.value)
+    assert "It is complete and was built with --dtype float32." in str(info.value)
     with pytest.raises(ValueError, match="shard_index_sha256") as info:
         build(out, demo_shards["train"], tiny_tokenizer_path)
-    assert "rerun with the tokenizer and shards it was built from" in str(info.value)
+    assert "It is complete and was built with another tokenizer or shard set." in str(info.value)
+
+    # an unfinished build gets the options to resume with
+    zarr.open_group(str(out), mode="r+").attrs["complete"] = False
+    with pytest.raises(ValueError, match="chunk_rows") as info:
+        build(out, demo_shards["eval"], tiny_tokenizer_path, chunk_rows=32, hflip=True)
+    assert "To resume it, rerun with --chunk-rows 64, --no-hflip." in str(info.value)
+    with pytest.raises(ValueError, match="shard_index_sha256") as info:
+        build(out, demo_shards["train"], tiny_tokenizer_path)
+    assert "To resume it, rerun with the tokenizer and shards it was built from." in str(info.value)
 
 
 def test_build_rejects_resuming_unpinned_precision(tmp_path, eval_store, demo_shards, tiny_tokenizer_path):
@@ -355,6 +368,11 @@ def test_build_rejects_resuming_unpinned_precision(tmp_path, eval_store, demo_sh
 def test_build_names_missing_tokenizer(tmp_path, demo_shards):
     with pytest.raises(FileNotFoundError, match="--tokenizer .*nowhere.pth"):
         build(tmp_path / "c.zarr", demo_shards["eval"], str(tmp_path / "nowhere.pth"))
+
+
+def test_build_names_tokenizer_folder(tmp_path, demo_shards):
+    with pytest.raises(IsADirectoryError, match=f"--tokenizer {tmp_path} is a folder"):
+        build(tmp_path / "c.zarr", demo_shards["eval"], str(tmp_path))
 
 
 def jpeg_bytes(seed: int, size: int = 72) -> bytes:
@@ -391,6 +409,36 @@ def test_build_skips_and_counts_bad_samples(tmp_path, bad_shards, tiny_tokenizer
     assert first_shard["counts"] == {"duplicate_key": 1, "undecodable_image": 1}
     assert {e["key"] for e in first_shard["examples"]} == {"broken", "good0"}
     assert [s.count for s in cache.shards] == [2, 2]
+
+
+def index_with_count(tmp_path: Path, shards: str, change: int) -> str:
+    """Write an index of the first shard of `shards` whose sample count is off by `change`."""
+    info = load_index(shards)[0]
+    path = tmp_path / "miscounted.json"
+    write_index([ShardInfo(info.url, info.nsamples + change, info.filesize)], str(path))
+    return str(path)
+
+
+def test_build_counts_samples_missing_from_tar(tmp_path, demo_shards, tiny_tokenizer_path):
+    # an index that lists 3 more samples than the tar holds, as for a tar cut at a member boundary
+    shards = index_with_count(tmp_path, demo_shards["eval"], +3)
+    cache = open_cache(str(build(tmp_path / "c.zarr", shards, tiny_tokenizer_path)))
+    assert cache.attrs["skips"] == {"missing_samples": 3}
+    assert len(cache.keys) == load_index(demo_shards["eval"])[0].nsamples
+
+
+def test_build_rejects_index_undercount(tmp_path, demo_shards, tiny_tokenizer_path):
+    shards = index_with_count(tmp_path, demo_shards["eval"], -2)
+    url = load_index(demo_shards["eval"])[0].url
+    with pytest.raises(ValueError, match=f"{url}.* contains .* the shard index lists .*shards.index"):
+        build(tmp_path / "c.zarr", shards, tiny_tokenizer_path)
+
+
+def test_resume_warns_of_other_batch_size(tmp_path, demo_shards, tiny_tokenizer_path, caplog):
+    out = build(tmp_path / "c.zarr", demo_shards["eval"], tiny_tokenizer_path, batch_size=4)
+    with caplog.at_level("WARNING", logger="cache.build"):
+        build(out, demo_shards["eval"], tiny_tokenizer_path, batch_size=5)
+    assert "--batch-size 5 differs from the 4 that wrote this store's first shards" in caplog.text
 
 
 def test_build_strict_stops_at_bad_sample(tmp_path, bad_shards, tiny_tokenizer_path):
@@ -464,12 +512,51 @@ def test_verify_finds_damage(tmp_path, eval_store):
     assert verify_main([str(out)]) == 1
 
 
+def test_verify_warns_of_unaccounted_samples(tmp_path):
+    group, _ = make_store(tmp_path / "c.zarr", [4])
+    keys, views = synthetic_shard(0, 3)
+    write_shard(group, 0, keys, views)  # one sample neither stored nor counted as skipped
+    mark_complete(group)
+    warnings = "\n".join(verify_store(str(tmp_path / "c.zarr")).warnings)
+    assert "shard 0: 3 rows stored and 0 skipped, but the shard index lists 4 samples" in warnings
+    assert "shard-0.tar" in warnings
+
+
+def test_verify_warns_of_empty_store(tmp_path):
+    group, _ = make_store(tmp_path / "c.zarr", [2])
+    _, views = synthetic_shard(0, 0)
+    write_shard(group, 0, [], views, {"counts": {"undecodable_image": 2}, "examples": []})
+    mark_complete(group)
+    report = verify_store(str(tmp_path / "c.zarr"))
+    assert "no latents are stored" in "\n".join(report.warnings)
+    assert report.summary["channel_stats"] == {}
+    assert report.summary["storage"]["latents"]["bytes_per_latent"] is None
+    assert "channel mean" not in format_report(report)
+
+
+def test_verify_reports_unreadable_objects(tmp_path, eval_store):
+    out = copy_store(eval_store, tmp_path)
+    chunk = sorted((out / "latents" / "c").rglob("*"))[-1]
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    report = verify_store(str(out))
+    assert "its stored objects cannot be read" in "\n".join(report.errors)
+    assert verify_main([str(out)]) == 1
+
+
 def test_verify_checks_inputs(eval_store, demo_shards):
     errors = "\n".join(verify_store(str(eval_store), shards=demo_shards["train"], tokenizer_sha256="cc" * 32).errors)
     assert "index hash of this shard set differs" in errors
     assert "expected " + "cc" * 32 in errors
     assert verify_main([str(eval_store), "--shards", demo_shards["eval"]]) == 0
     assert verify_main([str(eval_store), "--shards", demo_shards["eval"], demo_shards["train"]]) == 1
+
+
+def test_build_command_rejects_memory_out(demo_shards, tiny_tokenizer_path):
+    command = [sys.executable, "cache/build.py", "--shards", demo_shards["eval"], "--tokenizer", tiny_tokenizer_path,
+               "--out", "memory://c.zarr"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "--out memory://c.zarr: an in-memory store is lost" in result.stderr
 
 
 # two processes
@@ -522,11 +609,17 @@ def test_create_store_refuses_a_folder_of_other_files(tmp_path):
         make_store(run, [2])
 
 
-@pytest.mark.parametrize("options", [{"batch_size": 0}, {"workers": -1}])
-def test_build_rejects_invalid_batch_or_workers(tmp_path, demo_shards, tiny_tokenizer_path, options):
+@pytest.mark.parametrize(("options", "flag"), [
+    ({"batch_size": 0}, "--batch-size 0"),
+    ({"workers": -1}, "--workers -1"),
+    ({"chunk_rows": 0}, "--chunk-rows 0"),
+    ({"image_size": 0}, "--image-size 0"),
+    ({"image_size": -16}, "--image-size -16"),
+])
+def test_build_rejects_invalid_counts(tmp_path, demo_shards, tiny_tokenizer_path, options, flag):
     cfg = BuildConfig(shards=(demo_shards["eval"],), tokenizer=tiny_tokenizer_path, out=str(tmp_path / "c.zarr"),
                       **options)
-    with pytest.raises(ValueError, match="--batch-size .* --workers"):
+    with pytest.raises(ValueError, match=f"^{flag}:? "):
         build_main(cfg)
     assert not (tmp_path / "c.zarr").exists()
 

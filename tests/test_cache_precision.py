@@ -124,6 +124,16 @@ def test_index_changes_pairs_image_with_flip():
     assert summary["images_with_changes"] == 1
 
 
+def test_index_changes_one_image_has_no_interval():
+    z = torch.zeros(1, 1, 2, 2)
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    changes = IndexChanges()
+    changes.update((z, z + 1, idx), (z, z + 1, idx + 1))
+    summary = changes.summary(100, np.random.default_rng(0))
+    assert summary["changed_percent"] == 100.0
+    assert summary["interval_percent"] is None
+
+
 def test_index_changes_e_change():
     z = torch.zeros(1, 1, 2, 2)
     idx = torch.zeros(1, 4, dtype=torch.long)
@@ -171,8 +181,8 @@ def test_precision_reads_several_indexes(demo_shards, tiny_tokenizer_path, singl
     assert precision_main(cfg)["images"] == train + evaluation
 
 
-@pytest.mark.parametrize("options,message", [({"limit": 0}, "--limit 0"), ({"batch_size": -1}, "--batch-size -1"),
-                                             ({"resamples": 10}, "--resamples 10")])
+@pytest.mark.parametrize("options,message", [({"limit": 0}, "--limit 0:"), ({"batch_size": -1}, "--batch-size -1:"),
+                                             ({"resamples": 10}, "--resamples 10:"), ({"seed": -1}, "--seed -1:")])
 def test_precision_rejects_invalid_counts(demo_shards, tiny_tokenizer_path, options, message):
     cfg = PrecisionConfig(shards=(demo_shards["eval"],), tokenizer=tiny_tokenizer_path, **options)
     with pytest.raises(ValueError, match=message):

@@ -117,6 +117,8 @@ def test_expand_and_hash():
     assert expand_urls("s-{00..02}.tar") == ["s-00.tar", "s-01.tar", "s-02.tar"]
     assert expand_urls("a.tar,b.tar") == ["a.tar", "b.tar"]
     assert expand_urls(["my shards/a.tar", "b.tar,c-{0..1}.tar"]) == ["my shards/a.tar", "b.tar", "c-0.tar", "c-1.tar"]
+    assert expand_urls("d/{x,y}.tar,e.tar") == ["d/x.tar", "d/y.tar", "e.tar"]
+    assert expand_urls(["d/{x,y}.tar"]) == ["d/x.tar", "d/y.tar"]
     a = [ShardInfo("/data/s-00.tar", 10, 1), ShardInfo("/data/s-01.tar", 5, 1)]
     moved = [ShardInfo("s3://bucket/s-00.tar", 10, 1), ShardInfo("s3://bucket/s-01.tar", 5, 1)]
     recounted = [ShardInfo("/data/s-00.tar", 10, 1), ShardInfo("/data/s-01.tar", 4, 1)]
@@ -148,6 +150,26 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     assert dict(skips.counts) == {"undecodable_image": 1, "missing_image": 1, "key_with_dot": 1, "duplicate_key": 1, "invalid_label": 1}
     assert {e["key"] for e in skips.examples} == {"broken", "nolabel", "dotted.key", "twice", "badlabel"}
     assert all(e["url"] == url for e in skips.examples)
+
+
+def test_split_sample_is_named(tmp_path):
+    # labels first, then images: the layout `tar cf shard.tar *.cls *.jpg` produces
+    url = _tar(tmp_path / "split.tar", [("a.cls", b"1"), ("b.cls", b"2"), ("a.jpg", _jpeg(0)), ("b.jpg", _jpeg(1))])
+    skips = SkipLog()
+    samples = list(iter_samples([url], 32, skips))
+    assert samples == []
+    assert dict(skips.counts) == {"missing_image": 2, "split_sample": 2}
+    split = [e for e in skips.examples if e["skip"] == "split_sample"]
+    assert "not adjacent" in split[0]["error"]
+
+
+def test_skip_error_has_no_memory_address(tmp_path):
+    url = _tar(tmp_path / "bad.tar", [("broken.jpg", b"not a jpeg at all")])
+    skips = SkipLog()
+    list(iter_samples([url], 32, skips))
+    [example] = skips.examples
+    assert example["error"].startswith("UnidentifiedImageError: ")
+    assert "0x" not in example["error"]
 
 
 def test_truncated_tar_is_counted(tmp_path):
