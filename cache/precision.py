@@ -109,7 +109,7 @@ def with_flips(images: torch.Tensor, hflip: bool) -> torch.Tensor:
 class IndexChanges:
     """Per-image share of indices that differ from the reference, and the E sums of both runs.
 
-    With `views` = 2 each batch holds b images followed by their b flips, as `with_flips` builds it. An image and
+    With `views` = 2 each batch contains b images followed by their b flips, as `with_flips` builds it. An image and
     its flip are not independent samples, so they count as one image whose share is the mean over both views.
     """
 

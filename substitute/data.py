@@ -31,7 +31,7 @@ class PreloadedLatents:
     """All latents of a cache held in memory, read shard by shard in one sequential pass.
 
     It keeps the shard boundaries, so training reads it in the same order as the store it came from. The latents
-    stay in the cache's stored dtype unless `dtype` is given, so training sees the same values as a streamed run.
+    stay in the cache's stored dtype unless `dtype` is given, so training gets the same values as a streamed run.
     A 32x16x16 latent costs 32 KiB in float32 (42 GB for 1.28M samples) and 16 KiB in float16.
     """
 
